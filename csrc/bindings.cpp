@@ -1,0 +1,152 @@
+// lowbit._C: the only file that knows about Python.
+//
+// Every function takes plain integers: data pointers (as returned by Tensor.data_ptr()),
+// shapes, strides in elements, dtype codes (0=float32, 1=float16, 2=bfloat16), a thread
+// count or a CUDA stream handle. Arguments are validated here and bad ones raise ValueError
+// (std::invalid_argument) naming the argument; CUDA failures raise RuntimeError. The GIL is
+// released while a kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/check.h"
+#include "common/dtype.h"
+#include "common/int4_matmul.h"
+#include "cpu/cpu_kernels.h"
+#include "lowbit_build_config.h"
+#if defined(LOWBIT_WITH_CUDA)
+#include "cuda/cuda_kernels.h"
+#endif
+
+namespace py = pybind11;
+
+namespace lowbit {
+namespace {
+
+Int4MatmulArgs make_int4_args(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
+                              uintptr_t scales_ptr, int scales_dtype, uintptr_t zeros_ptr, int zeros_dtype,
+                              uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M,
+                              int64_t N, int64_t K, int64_t group_size) {
+  Int4MatmulArgs a;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_dtype = x_dtype;
+  a.x_row_stride = x_row_stride;
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
+  a.scales = reinterpret_cast<const void*>(scales_ptr);
+  a.scales_dtype = scales_dtype;
+  a.zeros = reinterpret_cast<const void*>(zeros_ptr);
+  a.zeros_dtype = zeros_dtype;
+  a.bias = reinterpret_cast<const void*>(bias_ptr);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_dtype = out_dtype;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.group_size = group_size;
+  return a;
+}
+
+void int4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
+                     uintptr_t scales_ptr, int scales_dtype, uintptr_t zeros_ptr, int zeros_dtype,
+                     uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N,
+                     int64_t K, int64_t group_size, int64_t num_threads) {
+  const Int4MatmulArgs a = make_int4_args(x_ptr, x_dtype, x_row_stride, qweight_ptr, scales_ptr, scales_dtype,
+                                          zeros_ptr, zeros_dtype, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N,
+                                          K, group_size);
+  check_int4_matmul_args("int4_matmul_cpu", a);
+  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "int4_matmul_cpu: num_threads=", num_threads,
+               " must be in [1, 4096]");
+  cpu::int4_matmul(a, static_cast<int>(num_threads));
+}
+
+#if defined(LOWBIT_WITH_CUDA)
+void int4_matmul_cuda(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
+                      uintptr_t scales_ptr, int scales_dtype, uintptr_t zeros_ptr, int zeros_dtype,
+                      uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N,
+                      int64_t K, int64_t group_size, uintptr_t stream) {
+  const Int4MatmulArgs a = make_int4_args(x_ptr, x_dtype, x_row_stride, qweight_ptr, scales_ptr, scales_dtype,
+                                          zeros_ptr, zeros_dtype, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N,
+                                          K, group_size);
+  check_int4_matmul_args("int4_matmul_cuda", a);
+  cuda::int4_matmul(a, stream);
+}
+#endif
+
+std::vector<std::string> split_list(const std::string& s) {  // CMake list "a;b" -> ["a", "b"]
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == ';') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = LOWBIT_VERSION;
+  d["build_type"] = LOWBIT_BUILD_TYPE;
+  d["compiler"] = LOWBIT_CXX_COMPILER;
+  d["cxx_flags"] = LOWBIT_CXX_FLAGS;
+  d["system_processor"] = LOWBIT_SYSTEM_PROCESSOR;
+#if defined(LOWBIT_WITH_CUDA)
+  const int v = cuda::compiled_runtime_version();
+  d["cuda"] = true;
+  d["cuda_archs"] = split_list(LOWBIT_CUDA_ARCHS_LIST);
+  d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  d["cuda_compiler"] = LOWBIT_CUDA_COMPILER;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = py::list();
+  d["cuda_version"] = py::none();
+  d["cuda_compiler"] = py::none();
+#endif
+  d["metal"] = false;
+  d["sanitizers"] = split_list(LOWBIT_SANITIZERS_LIST);
+  py::dict codes;
+  for (int c = 0; c < kNumDTypes; ++c) codes[py::str(dtype_name(c))] = c;
+  d["dtype_codes"] = codes;
+  return d;
+}
+
+py::dict cpu_features() {
+  py::dict d;
+  for (const auto& kv : cpu::cpu_features()) d[py::str(kv.first)] = kv.second;
+  return d;
+}
+
+}  // namespace
+}  // namespace lowbit
+
+PYBIND11_MODULE(_C, m) {
+  using namespace pybind11::literals;
+  m.doc() = "lowbit native kernels (pointer-level API; use lowbit.ops instead)";
+  m.attr("__version__") = LOWBIT_VERSION;
+
+  m.def("int4_matmul_cpu", &lowbit::int4_matmul_cpu, py::call_guard<py::gil_scoped_release>(),
+        "x_ptr"_a, "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "scales_ptr"_a, "scales_dtype"_a,
+        "zeros_ptr"_a, "zeros_dtype"_a, "bias_ptr"_a, "bias_dtype"_a, "out_ptr"_a, "out_dtype"_a, "M"_a,
+        "N"_a, "K"_a, "group_size"_a, "num_threads"_a,
+        "out[M, N] = x[M, K] @ dequant(qweight, scales, zeros)^T (+ bias) on the CPU, fp32 accumulation.\n"
+        "Pointers are addresses (0 = absent, allowed for zeros and bias only); x rows start every\n"
+        "x_row_stride elements; qweight [N, K/2], scales/zeros [N, K/G], bias [N], out [M, N] contiguous.");
+#if defined(LOWBIT_WITH_CUDA)
+  m.def("int4_matmul_cuda", &lowbit::int4_matmul_cuda, py::call_guard<py::gil_scoped_release>(),
+        "x_ptr"_a, "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "scales_ptr"_a, "scales_dtype"_a,
+        "zeros_ptr"_a, "zeros_dtype"_a, "bias_ptr"_a, "bias_dtype"_a, "out_ptr"_a, "out_dtype"_a, "M"_a,
+        "N"_a, "K"_a, "group_size"_a, "stream"_a,
+        "Same as int4_matmul_cpu, on the GPU holding the pointers, enqueued on the cudaStream_t `stream`\n"
+        "(an integer; 0 = legacy default stream). Does not synchronize.");
+#endif
+  m.def("build_info", &lowbit::build_info, "What this build of the native module contains (a dict).");
+  m.def("cpu_features", &lowbit::cpu_features, "Instruction-set features of this CPU (dict[str, bool]).");
+}

@@ -1,0 +1,23 @@
+// CPU kernels of the native module (plain C++; no Python, no torch).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../common/int4_matmul.h"
+
+namespace lowbit {
+namespace cpu {
+
+// y = x @ dequant(W)^T (+ bias); see common/int4_matmul.h for the layout. The arguments
+// must have passed check_int4_matmul_args. Uses up to num_threads (>= 1) threads,
+// fewer for small problems.
+void int4_matmul(const Int4MatmulArgs& args, int num_threads);
+
+// Instruction-set features of the running CPU, detected at run time. Every key is present
+// on every platform (false where it does not apply), in a fixed order.
+std::vector<std::pair<std::string, bool>> cpu_features();
+
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,23 @@
+// CUDA kernels of the native module. This header is plain C++ (no CUDA headers), so that
+// bindings.cpp is compiled by the host compiler alone.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/int4_matmul.h"
+
+namespace lowbit {
+namespace cuda {
+
+// y = x @ dequant(W)^T (+ bias) on the GPU that holds the pointers, enqueued on `stream`
+// (a cudaStream_t as an integer; 0 = the legacy default stream). No host synchronization.
+// The arguments must have passed check_int4_matmul_args; this function also checks that
+// every pointer is device (or managed) memory of one GPU (ValueError otherwise) and turns
+// CUDA errors into std::runtime_error.
+void int4_matmul(const Int4MatmulArgs& args, uintptr_t stream);
+
+// CUDART_VERSION the module was compiled against (e.g. 13000).
+int compiled_runtime_version();
+
+}  // namespace cuda
+}  // namespace lowbit

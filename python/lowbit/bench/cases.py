@@ -1,0 +1,134 @@
+"""What each benchmark times: lowbit's op and its natural baselines, on the same data.
+
+A case builder returns a :class:`Case`: for each contender a list of zero-argument calls,
+one per rotated copy of the weights, plus the bytes the lowbit op must read (the floor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ..formats import int4, kv, nf4, sparse24, ternary
+from .timing import copies_for_rotation
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    m: int
+    weight_bytes: int  # bytes lowbit's op reads for its weight (or cache)
+    backend: str = ""  # which lowbit backend runs the op here
+    contenders: dict[str, list[Callable[[], object]]] = field(default_factory=dict)
+
+
+def _nbytes(*ts: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _dense_baselines(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, dtypes) -> None:
+    """``F.linear`` on the dense weight in each baseline dtype, rotated like the op's weights."""
+    for dt in dtypes:
+        wd = w.to(dt)
+        reps = copies_for_rotation(_nbytes(wd), device)
+        ws = [wd] + [wd.clone() for _ in range(reps - 1)]
+        xd = x.to(dt)
+        case.contenders[f"F.linear {str(dt).replace('torch.', '')}"] = [lambda w_=w_, x_=xd: F.linear(x_, w_) for w_ in ws]
+
+
+def _rotated(make: Callable[[], tuple], nbytes: int, device: str) -> list[tuple]:
+    return [make() for _ in range(copies_for_rotation(nbytes, device))]
+
+
+def _baseline_dtypes(device: str) -> tuple[torch.dtype, ...]:
+    return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16,)
+
+
+def matmul_case(fmt: str, n: int, k: int, m: int, device: str, act_dtype: torch.dtype, **opts) -> Case:
+    """lowbit's ``<fmt>_matmul`` on a random ``[n, k]`` weight against dense ``F.linear``."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g).to(act_dtype).to(device)
+    if fmt == "sparse24":
+        w = sparse24.prune(w)  # the baselines multiply by the same pruned weight
+    packed = _quantize(fmt, w, act_dtype, **opts)
+    tensors = [t.to(device) if t is not None else None for t in packed.tensors().values()]
+    nbytes = _nbytes(*tensors)
+    copies = [tensors] + [[t.clone() if t is not None else None for t in tensors]
+                          for _ in range(copies_for_rotation(nbytes, device) - 1)]
+    case = Case(f"{fmt}_matmul", f"{n}x{k}", m, nbytes)
+    _set_lowbit(case, case.op, [_ARGS[fmt](x, packed, t) for t in copies], device)
+    _dense_baselines(case, w, x, device, _baseline_dtypes(device))
+    if fmt == "int4":
+        _int4pack_peer(case, w, x, device, opts.get("group_size", 128))
+    return case
+
+
+def _quantize(fmt: str, w: torch.Tensor, act_dtype: torch.dtype, **opts):
+    if fmt == "int4":
+        return int4.quantize(w, scale_dtype=act_dtype, **opts)
+    if fmt == "sparse24":
+        return sparse24.quantize(w.to(act_dtype))
+    return {"nf4": nf4, "ternary": ternary}[fmt].quantize(w, **opts)
+
+
+# The op's arguments from the activations, the packed weight and its (moved) tensors.
+_ARGS = {
+    "int4": lambda x, p, t: (x, t[0], t[1], t[2], p.group_size, None),
+    "nf4": lambda x, p, t: (x, t[0], t[1], t[2], t[3], p.absmax_offset, p.blocksize, p.out_features, None),
+    "ternary": lambda x, p, t: (x, t[0], t[1], p.out_features, None),
+    "sparse24": lambda x, p, t: (x, t[0], t[1], None),
+}
+
+
+def _set_lowbit(case: Case, op: str, arg_sets: list[tuple], device: str) -> None:
+    """Time ``torch.ops.lowbit.<op>`` over the rotated argument sets; record its backend."""
+    fn = getattr(torch.ops.lowbit, op).default
+    case.contenders["lowbit"] = [lambda a=a: fn(*a) for a in arg_sets]
+    case.backend = backends.select(op, device, arg_sets[0])[0]
+
+
+def _int4pack_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, group_size: int) -> None:
+    """torch's own int4 kernel (tinygemm on CUDA, ``_for_cpu`` on the CPU), where it exists."""
+    n, k = w.shape
+    try:
+        q = int4.quantize(w, group_size=group_size, scale_dtype=torch.bfloat16)
+        qi = int4.unpack_int4(q.qweight).to(torch.int32).to(device)
+        sz = torch.stack([q.scales.t(), (8 - q.zeros.float().t()) * q.scales.float().t()], dim=-1)
+        sz = sz.to(torch.bfloat16).contiguous().to(device)
+        xb = x.to(torch.bfloat16)
+        if device == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qi, 1)
+            fn = torch.ops.aten._weight_int4pack_mm_for_cpu
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack((qi[:, ::2] << 4 | qi[:, 1::2]).to(torch.uint8), 8)
+            fn = torch.ops.aten._weight_int4pack_mm
+        reps = copies_for_rotation(_nbytes(packed), device)
+        ps = [packed] + [packed.clone() for _ in range(reps - 1)]
+        fn(xb, packed, group_size, sz)
+        case.contenders["torch int4pack bf16"] = [lambda p=p: fn(xb, p, group_size, sz) for p in ps]
+    except (RuntimeError, AttributeError, ImportError, NotImplementedError):
+        pass  # this torch build has no int4pack kernel for the device: nothing to compare
+
+
+def kv_case(bits: int, b: int, h_q: int, h_kv: int, ctx: int, d: int, device: str, dtype: torch.dtype) -> Case:
+    """Decode attention over a quantized cache against SDPA over the float cache."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(b, h_kv, ctx, d, generator=g)
+    v = torch.randn(b, h_kv, ctx, d, generator=g)
+    q = torch.randn(b, h_q, 1, d, generator=g).to(dtype).to(device)
+    kq = [t.to(device) if t is not None else None for t in kv.quantize_kv(k, bits)]
+    vq = [t.to(device) if t is not None else None for t in kv.quantize_kv(v, bits)]
+    case = Case(f"kv_attention int{bits}", f"B{b} Hq{h_q} Hkv{h_kv} ctx{ctx} D{d}", 1, _nbytes(*kq, *vq))
+    _set_lowbit(case, "kv_attention", [(q, kq[0], kq[1], kq[2], vq[0], vq[1], vq[2], False, None)], device)
+    base_dtype = torch.float32 if device == "cpu" else torch.float16
+    kf, vf, qf = k.to(base_dtype).to(device), v.to(base_dtype).to(device), q.to(base_dtype)
+    case.contenders[f"SDPA {str(base_dtype).replace('torch.', '')}"] = [
+        lambda: F.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)
+    ]
+    return case
