@@ -16,6 +16,7 @@
 #include "common/dtype.h"
 #include "common/int4_matmul.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/isa.h"
 #include "lowbit_build_config.h"
 #if defined(LOWBIT_WITH_CUDA)
 #include "cuda/cuda_kernels.h"
@@ -118,6 +119,16 @@ py::dict build_info() {
   return d;
 }
 
+py::dict cpu_isa() {
+  py::dict d;
+  d["best"] = cpu::isa_name(cpu::best_isa());
+  d["compiled"] = cpu::compiled_isas();
+  d["supported"] = cpu::supported_isas();
+  return d;
+}
+
+std::string selected_cpu_isa() { return cpu::isa_name(cpu::selected_isa("lowbit._C.selected_cpu_isa")); }
+
 py::dict cpu_features() {
   py::dict d;
   for (const auto& kv : cpu::cpu_features()) d[py::str(kv.first)] = kv.second;
@@ -148,5 +159,10 @@ PYBIND11_MODULE(_C, m) {
         "(an integer; 0 = legacy default stream). Does not synchronize.");
 #endif
   m.def("build_info", &lowbit::build_info, "What this build of the native module contains (a dict).");
+  m.def("cpu_isa", &lowbit::cpu_isa,
+        "CPU kernel instruction sets: 'compiled' into this build, 'supported' by this CPU too, and the\n"
+        "'best' of those (what runs unless LOWBIT_CPU_ISA forces another).");
+  m.def("selected_cpu_isa", &lowbit::selected_cpu_isa,
+        "The instruction set the CPU kernels run with now (LOWBIT_CPU_ISA, validated, or the best).");
   m.def("cpu_features", &lowbit::cpu_features, "Instruction-set features of this CPU (dict[str, bool]).");
 }

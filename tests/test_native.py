@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lowbit
+
 from lowbit import _native
 from lowbit.backends import native_args
 
@@ -53,7 +55,7 @@ def test_build_info_keys():
 
 def test_cpu_features_keys():
     feats = C.cpu_features()
-    expected = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512bf16",
+    expected = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512bf16",
                 "avx_vnni", "neon", "dotprod", "i8mm"}
     assert set(feats) == expected
     assert all(isinstance(v, bool) for v in feats.values())
@@ -485,3 +487,33 @@ def test_cuda_runs_on_the_current_stream_without_host_sync():
     graph.replay()
     torch.cuda.synchronize()
     assert_matches(y_graph.cpu(), reference(x.cpu(), q, scales, zeros, g, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# instruction-set selection (LOWBIT_CPU_ISA)
+
+
+def test_cpu_isa_lists():
+    isa = C.cpu_isa()
+    assert isa["compiled"][0] == "scalar" and "scalar" in isa["supported"]
+    assert set(isa["supported"]) <= set(isa["compiled"])
+    assert isa["best"] == isa["supported"][-1]
+    assert "selected" in lowbit.info()["native"]["cpu_isa"]
+
+
+def test_forcing_an_unknown_or_unsupported_isa_raises(monkeypatch):
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="LOWBIT_CPU_ISA=sse9 is not an instruction set name"):
+        C.selected_cpu_isa()
+    assert "invalid" in lowbit.info()["native"]["cpu_isa"]["selected"]
+    missing = [i for i in ("avx2", "avx512", "avx512bf16", "neon", "neon_dot") if i not in C.cpu_isa()["supported"]]
+    for name in missing:
+        monkeypatch.setenv("LOWBIT_CPU_ISA", name)
+        with pytest.raises(ValueError, match=f"LOWBIT_CPU_ISA={name}"):
+            C.selected_cpu_isa()
+
+
+@pytest.mark.parametrize("isa", C.cpu_isa()["supported"] if _native.available() else [])
+def test_forcing_each_supported_isa(monkeypatch, isa):
+    monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
+    assert C.selected_cpu_isa() == isa

@@ -27,7 +27,7 @@ namespace {
 
 struct Features {
   bool avx = false, avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vnni = false, avx512bf16 = false, avx_vnni = false;
+  bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false, avx512vnni = false, avx512bf16 = false, avx_vnni = false;
   bool neon = false, dotprod = false, i8mm = false;
 };
 
@@ -76,6 +76,8 @@ void detect(Features& f) {
   if (os_avx512) {
     f.avx512f = bit(ebx7, 16);
     f.avx512bw = f.avx512f && bit(ebx7, 30);
+    f.avx512dq = f.avx512f && bit(ebx7, 17);
+    f.avx512vl = f.avx512f && bit(ebx7, 31);
     f.avx512vnni = f.avx512f && bit(ecx7, 11);
   }
   if (max_sub7 >= 1) {
@@ -120,6 +122,7 @@ std::vector<std::pair<std::string, bool>> cpu_features() {
       {"avx", f.avx},           {"avx2", f.avx2},
       {"fma", f.fma},           {"f16c", f.f16c},
       {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw},
+      {"avx512dq", f.avx512dq}, {"avx512vl", f.avx512vl},
       {"avx512vnni", f.avx512vnni}, {"avx512bf16", f.avx512bf16},
       {"avx_vnni", f.avx_vnni}, {"neon", f.neon},
       {"dotprod", f.dotprod},   {"i8mm", f.i8mm},

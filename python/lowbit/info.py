@@ -24,6 +24,9 @@ class Info(dict):
             lines.append(f"  Metal kernels: {'yes' if b.get('metal') else 'no'}")
             feats = [k for k, v in native["cpu_features"].items() if v]
             lines.append(f"  CPU features found at run time: {', '.join(feats) or 'none'}")
+            isa = native["cpu_isa"]
+            lines.append(f"  CPU kernel instruction sets: compiled {', '.join(isa['compiled'])}; "
+                         f"this CPU runs {', '.join(isa['supported'])}; selected {isa['selected']}")
         else:
             lines.append(f"native module: NOT loaded ({native['error']})")
         lines.append(f"triton: {self['triton'] or 'not installed'}")
@@ -47,12 +50,17 @@ def _devices() -> list[str]:
 
 def info() -> Info:
     """Version, the native build (compiler, CUDA archs, Metal), CPU features found at run
-    time, Triton, and for each op and device the backends that have a kernel for it, in the
+    time, the CPU kernels' instruction sets (compiled, supported, selected), Triton, and for each op and device the backends that have a kernel for it, in the
     order the dispatcher tries them."""
     native: dict = {"loaded": _native.available(), "error": _native.load_error()}
     if native["loaded"]:
         native["build"] = dict(_native.C.build_info())
         native["cpu_features"] = dict(_native.C.cpu_features())
+        native["cpu_isa"] = dict(_native.C.cpu_isa())
+        try:
+            native["cpu_isa"]["selected"] = _native.C.selected_cpu_isa()
+        except ValueError as e:  # a bad LOWBIT_CPU_ISA must not break info()
+            native["cpu_isa"]["selected"] = f"invalid: {e}"
     triton_version = None
     if importlib.util.find_spec("triton") is not None:
         try:
