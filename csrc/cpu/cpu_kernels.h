@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../common/int4_matmul.h"
+#include "../common/ternary_matmul.h"
 
 namespace lowbit {
 namespace cpu {
@@ -14,6 +15,10 @@ namespace cpu {
 // must have passed check_int4_matmul_args. Uses up to num_threads (>= 1) threads,
 // fewer for small problems.
 void int4_matmul(const Int4MatmulArgs& args, int num_threads);
+
+// y = (x_q @ w_t^T) / (x_scale * weight_scale) (+ bias), BitNet b1.58; see
+// common/ternary_matmul.h. The arguments must have passed check_ternary_matmul_args.
+void ternary_matmul(const TernaryMatmulArgs& args, int num_threads);
 
 // Instruction-set features of the running CPU, detected at run time. Every key is present
 // on every platform (false where it does not apply), in a fixed order.
