@@ -8,20 +8,25 @@
 //    one k, so acc = Σ_k x_q[k] * c[k] - Σ_k x_q[k]: unsigned codes times signed int8 is
 //    exactly what VNNI `vpdpbusd` (and `vpmaddubsw` + `vpmaddwd` before it) multiplies, and
 //    the +1 offset is undone with the row sum at the end. All integer: bit-exact on every path.
-//    - "dot" path (decode, small M; the only path of the scalar and Arm builds): one vector
-//      load of a byte row along K gives the codes of 4 output rows (2 bits each: shift + and)
-//      against the same x_q vector; per-lane int32 sums are reduced once at the end of K.
-//      Weights stream from memory once per call, x_q stays in L1/L2.
-//    - "gemm" path (x86, larger M): a tile of L byte rows (L = 16 with AVX-512, 8 with AVX2)
-//      and kKc columns is transposed to dword-of-4-k per lane and split into its 4 code planes
-//      once (a "panel", in L1), then reused by every row of x: each panel vector times a
-//      broadcast dword of x_q accumulates 4 k's of L outputs (`vpdpbusd`), MR x rows and 4
-//      planes at a time in registers (broadcast-A GEMM, no horizontal sums). Output lane j of
-//      plane i is row r0 + j + i*R, so each plane stores a contiguous run of outputs.
+//    - "dot" path (decode and small batches; the only path of the scalar and Arm builds):
+//      one vector load of a byte row along K gives the codes of 4 output rows (2 bits each:
+//      shift + and) against the same x_q vector; per-lane int32 sums are reduced once at the
+//      end of K. Up to 4 byte rows x 1 row of x, or 2 x 2, or 1 x 4 (16 accumulators) per
+//      pass. Weights stream from memory once per call (software prefetch 1 KiB ahead in each
+//      row); x_q is re-read from L1/L2 for every byte row, so this path is taken while x_q
+//      fits in L2 (M * ld <= 1 MiB).
+//    - "gemm" path (x86, larger M * K): a tile of L byte rows (L = 16 with AVX-512, 8 with
+//      AVX2) and kKc columns is transposed to dword-of-4-k per lane and split into its 4 code
+//      planes once (a "panel", in L1), then reused by every row of x: each panel vector times
+//      a broadcast dword of x_q accumulates 4 k's of L outputs (`vpdpbusd`), 6 x rows and 4
+//      planes at a time in registers (broadcast-A GEMM, no horizontal sums); partial sums of
+//      a tile live in a small int32 buffer across the kKc blocks. Output lane j of plane i is
+//      row r0 + j + i*R, so each plane stores a contiguous run of outputs.
 // 3. Epilogue: y = float(acc) / (x_scale * weight_scale) (+ bias), rounded to out_dtype.
 //
 // Threads split the byte rows (= groups of 4 output rows) in chunks; results do not depend on
-// the thread count or the path (integer sums are exact).
+// the thread count or the path (integer sums are exact). The x_q scratch is kept per calling
+// thread between calls (no page faults for it at every call).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
