@@ -31,7 +31,7 @@ from conftest import RTOL, rel_err  # noqa: E402
 C = _native.C
 ISAS = C.cpu_isa()["supported"]
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-HYPO = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+HYPO = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(params=[(isa, t) for isa in ISAS for t in (1, 2)], ids=lambda p: f"{p[0]}-t{p[1]}")
