@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../common/int4_matmul.h"
+#include "../common/kv_attention.h"
 
 namespace lowbit {
 namespace cpu {
@@ -14,6 +15,10 @@ namespace cpu {
 // must have passed check_int4_matmul_args. Uses up to num_threads (>= 1) threads,
 // fewer for small problems.
 void int4_matmul(const Int4MatmulArgs& args, int num_threads);
+
+// Attention over a quantized KV cache; see common/kv_attention.h for the layout. The arguments
+// must have passed check_kv_attention_args. Uses up to num_threads (>= 1) threads.
+void kv_attention(const KvAttentionArgs& args, int num_threads);
 
 // Instruction-set features of the running CPU, detected at run time. Every key is present
 // on every platform (false where it does not apply), in a fixed order.
