@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/int4_matmul.h"
+#include "common/kv_attention.h"
 #include "common/ternary_matmul.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/isa.h"
@@ -63,6 +65,52 @@ void int4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr
   LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "int4_matmul_cpu: num_threads=", num_threads,
                " must be in [1, 4096]");
   cpu::int4_matmul(a, static_cast<int>(num_threads));
+}
+
+using Strides3 = std::array<int64_t, 3>;  // (batch, head, token) strides in elements
+
+KvView kv_view(uintptr_t ptr, int dtype, const Strides3& s) {
+  KvView t;
+  t.ptr = reinterpret_cast<const void*>(ptr);
+  t.dtype = dtype;
+  t.stride_b = s[0];
+  t.stride_h = s[1];
+  t.stride_s = s[2];
+  return t;
+}
+
+void kv_attention_cpu(uintptr_t q_ptr, int q_dtype, const Strides3& q_strides, uintptr_t k_ptr,
+                      const Strides3& k_strides, uintptr_t k_scale_ptr, int k_scale_dtype,
+                      const Strides3& k_scale_strides, uintptr_t k_zero_ptr, int k_zero_dtype,
+                      const Strides3& k_zero_strides, uintptr_t v_ptr, const Strides3& v_strides,
+                      uintptr_t v_scale_ptr, int v_scale_dtype, const Strides3& v_scale_strides, uintptr_t v_zero_ptr,
+                      int v_zero_dtype, const Strides3& v_zero_strides, uintptr_t out_ptr, int out_dtype, int64_t B,
+                      int64_t H_q, int64_t H_kv, int64_t S_q, int64_t S_kv, int64_t D, int64_t bits, bool causal,
+                      double scale, int64_t num_threads) {
+  KvAttentionArgs a;
+  a.q = kv_view(q_ptr, q_dtype, q_strides);
+  a.k = kv_view(k_ptr, kFloat32, k_strides);
+  a.k_scale = kv_view(k_scale_ptr, k_scale_dtype, k_scale_strides);
+  a.k_zero = kv_view(k_zero_ptr, k_zero_dtype, k_zero_strides);
+  a.v = kv_view(v_ptr, kFloat32, v_strides);
+  a.v_scale = kv_view(v_scale_ptr, v_scale_dtype, v_scale_strides);
+  a.v_zero = kv_view(v_zero_ptr, v_zero_dtype, v_zero_strides);
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_dtype = out_dtype;
+  a.B = B;
+  a.H_q = H_q;
+  a.H_kv = H_kv;
+  a.S_q = S_q;
+  a.S_kv = S_kv;
+  a.D = D;
+  LOWBIT_CHECK(bits == 8 || bits == 4, "kv_attention_cpu: bits=", bits, " must be 8 or 4");
+  a.bits = static_cast<int>(bits);
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+  check_kv_attention_args("kv_attention_cpu", a);
+  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "kv_attention_cpu: num_threads=", num_threads,
+               " must be in [1, 4096]");
+  cpu::kv_attention(a, static_cast<int>(num_threads));
 }
 
 void ternary_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
@@ -174,6 +222,16 @@ PYBIND11_MODULE(_C, m) {
         "out[M, N] = x[M, K] @ dequant(qweight, scales, zeros)^T (+ bias) on the CPU, fp32 accumulation.\n"
         "Pointers are addresses (0 = absent, allowed for zeros and bias only); x rows start every\n"
         "x_row_stride elements; qweight [N, K/2], scales/zeros [N, K/G], bias [N], out [M, N] contiguous.");
+  m.def("kv_attention_cpu", &lowbit::kv_attention_cpu, py::call_guard<py::gil_scoped_release>(), "q_ptr"_a,
+        "q_dtype"_a, "q_strides"_a, "k_ptr"_a, "k_strides"_a, "k_scale_ptr"_a, "k_scale_dtype"_a,
+        "k_scale_strides"_a, "k_zero_ptr"_a, "k_zero_dtype"_a, "k_zero_strides"_a, "v_ptr"_a, "v_strides"_a,
+        "v_scale_ptr"_a, "v_scale_dtype"_a, "v_scale_strides"_a, "v_zero_ptr"_a, "v_zero_dtype"_a,
+        "v_zero_strides"_a, "out_ptr"_a, "out_dtype"_a, "B"_a, "H_q"_a, "H_kv"_a, "S_q"_a, "S_kv"_a, "D"_a,
+        "bits"_a, "causal"_a, "scale"_a, "num_threads"_a,
+        "out[B, H_q, S_q, D] = softmax(q k^T * scale) v over an int8 (bits=8) or 4-bit (bits=4) KV cache on\n"
+        "the CPU, fp32 accumulation. Every operand is a [B, H, S, width] view with unit inner stride and\n"
+        "(batch, head, token) strides in elements; zeros are 0 (and ignored) for bits=8; out is contiguous.\n"
+        "causal masks bottom-right aligned (query i sees keys j <= i + S_kv - S_q).");
   m.def("ternary_matmul_cpu", &lowbit::ternary_matmul_cpu, py::call_guard<py::gil_scoped_release>(), "x_ptr"_a,
         "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "weight_scale_ptr"_a, "weight_scale_numel"_a,
         "bias_ptr"_a, "bias_dtype"_a, "out_ptr"_a, "out_dtype"_a, "M"_a, "N"_a, "K"_a, "num_threads"_a,

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../common/int4_matmul.h"
+#include "../common/kv_attention.h"
 #include "../common/ternary_matmul.h"
 
 namespace lowbit {
@@ -15,6 +16,10 @@ namespace cpu {
 // must have passed check_int4_matmul_args. Uses up to num_threads (>= 1) threads,
 // fewer for small problems.
 void int4_matmul(const Int4MatmulArgs& args, int num_threads);
+
+// Attention over a quantized KV cache; see common/kv_attention.h for the layout. The arguments
+// must have passed check_kv_attention_args. Uses up to num_threads (>= 1) threads.
+void kv_attention(const KvAttentionArgs& args, int num_threads);
 
 // y = (x_q @ w_t^T) / (x_scale * weight_scale) (+ bias), BitNet b1.58; see
 // common/ternary_matmul.h. The arguments must have passed check_ternary_matmul_args.

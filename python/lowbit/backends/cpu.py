@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .native_args import int4_supported, prepare_int4, prepare_ternary, ternary_supported
+from .native_args import (
+    int4_supported,
+    kv_attention_supported,
+    prepare_int4,
+    prepare_kv_attention,
+    prepare_ternary,
+    ternary_supported,
+)
 
 if not _native.has("int4_matmul_cpu"):
     raise ImportError(f"lowbit.backends.cpu: the native module is not available ({_native.load_error()})")
@@ -32,6 +39,33 @@ def int4_matmul(
     call = prepare_int4(x, qweight, scales, zeros, group_size, bias, fn="lowbit.backends.cpu.int4_matmul")
     if not call.empty:
         _native.C.int4_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
+    return call.result()
+
+
+def supports_kv_attention(q, k, k_scale, k_zero, v, v_scale, v_zero, causal=False, scale=None) -> bool:
+    """True if the native CPU kernel takes this call (CPU tensors, float16/bfloat16/float32, finite scale)."""
+    return _native.has("kv_attention_cpu") and kv_attention_supported(
+        "cpu", q, k, k_scale, k_zero, v, v_scale, v_zero, scale
+    )
+
+
+def kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor | None,
+    v: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor | None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over an int8 / 4-bit KV cache with the C++ kernel, on torch's intra-op thread count."""
+    call = prepare_kv_attention(
+        q, k, k_scale, k_zero, v, v_scale, v_zero, causal, scale, fn="lowbit.backends.cpu.kv_attention"
+    )
+    if not call.empty:
+        _native.C.kv_attention_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
     return call.result()
 
 
