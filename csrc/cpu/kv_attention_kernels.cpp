@@ -52,7 +52,7 @@ namespace lowbit {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlockT = 32;          // tokens decoded and scored together (a multiple of every W)
+constexpr int64_t kBlockT = 64;          // tokens decoded and scored together (a multiple of every W)
 constexpr int64_t kMaxRowTile = 32;      // query rows sharing one pass over the cache
 constexpr int64_t kMinChunkTokens = 128; // smallest context slice worth a split-K task
 constexpr double kMinWorkPerThread = 1 << 15;  // multiply-adds (rows x tokens x D) worth a thread
@@ -545,7 +545,7 @@ struct Scratch {
   FloatBuf q;    // [RT][Dp] query rows of the tile (fp32, zero past D)
   FloatBuf s;    // [RT][kBlockT] scores, then probabilities
   FloatBuf acc;  // [RT][Dp] running sum of p * V
-  FloatBuf ml;   // m[RT], l[RT], alpha[RT]
+  FloatBuf ml;   // m[RT], l[RT], alpha[RT + kPad]
   FloatBuf par;  // kNumPar x [kBlockT][ng]
   std::vector<int8_t> pad;  // 2 x [kBlockT][Dw]: K and V rows of the block, zero past D (8 bits, D % W != 0)
 };
@@ -609,16 +609,19 @@ inline int64_t out_row(const KvAttentionArgs& a, const Plan& p, int64_t b, int64
 
 // Scores -> probabilities for one block: per row, scale and mask the scores, update the
 // running max m and sum l, leave p = exp(score - m) (times the token's V scale for 8 bits)
-// in s and the accumulator's rescale factor in alpha.
+// in s and the accumulator's rescale factor exp(m_old - m_new) in alpha (computed for all
+// rows at once: `alpha` has room for a whole vector past the tile's rows).
 void softmax_block(const KvAttentionArgs& a, const Plan& p, const TaskInfo& ti, int64_t t0, int64_t nt,
                    const float* kmul, const float* vmul_, float* s, float* m, float* l, float* alpha) {
-  for (int64_t r = 0; r < ti.nr; ++r) {
+  bool masked[kMaxRowTile];
+  for (int64_t r = 0; r < ti.nr; ++r) {  // scale, mask, block max
     float* sr = s + r * kBlockT;
     const int64_t lim = a.causal ? (ti.r0 + r) / p.G + a.S_kv - a.S_q : a.S_kv - 1;
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(nt, lim + 1 - t0));
-    if (valid == 0) {  // every token of the block is masked for this row
-      alpha[r] = 1.0f;
+    masked[r] = valid == 0;
+    if (valid == 0) {  // every token of the block is masked for this row: p = 0, alpha = 1
       std::fill(sr, sr + kBlockT, 0.0f);
+      alpha[r] = 0.0f;  // exp(0)
       continue;
     }
     for (int64_t t = 0; t < kBlockT; t += W) vstore(sr + t, vmul(vload(sr + t), vload(kmul + t)));
@@ -626,8 +629,14 @@ void softmax_block(const KvAttentionArgs& a, const Plan& p, const TaskInfo& ti, 
     Vec mx = vload(sr);
     for (int64_t t = W; t < kBlockT; t += W) mx = vmax(mx, vload(sr + t));
     const float m_new = std::max(m[r], vhmax(mx));
-    alpha[r] = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
-    const Vec mn = vset1(m_new);
+    alpha[r] = m[r] - m_new;  // -inf on the first block: exp gives 0
+    m[r] = m_new;
+  }
+  for (int64_t r = 0; r < ti.nr; r += W) vstore(alpha + r, vexp(vload(alpha + r)));
+  for (int64_t r = 0; r < ti.nr; ++r) {  // probabilities and sums
+    float* sr = s + r * kBlockT;
+    if (masked[r]) continue;  // p already 0
+    const Vec mn = vset1(m[r]);
     Vec sum = vset1(0.0f);
     for (int64_t t = 0; t < kBlockT; t += W) {
       const Vec e = vexp(vsub(vload(sr + t), mn));
@@ -635,7 +644,6 @@ void softmax_block(const KvAttentionArgs& a, const Plan& p, const TaskInfo& ti, 
       vstore(sr + t, vmul_ ? vmul(e, vload(vmul_ + t)) : e);
     }
     l[r] = l[r] * alpha[r] + vsum(sum);
-    m[r] = m_new;
   }
 }
 
@@ -788,7 +796,7 @@ void LOWBIT_ISA_FN(kv_attention_kernel)(const KvAttentionArgs& a, int num_thread
     s.s.resize((p.RT + 1) * kBlockT);  // the last row: the 4-bit path's kmul (all a.scale)
     std::fill(s.s.data() + p.RT * kBlockT, s.s.data() + (p.RT + 1) * kBlockT, a.scale);
     s.acc.resize(p.RT * p.Dp);
-    s.ml.resize(3 * p.RT);
+    s.ml.resize(3 * p.RT + kPad);  // m, l, alpha (+ room for one vector past the rows)
     s.par.resize(kNumPar * kBlockT * p.ng);
     if (a.bits == 8 && p.Dw != a.D) s.pad.resize(static_cast<size_t>(2 * kBlockT * p.Dw));
   }

@@ -117,18 +117,23 @@ def _int4pack_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, gr
 
 
 def kv_case(bits: int, b: int, h_q: int, h_kv: int, ctx: int, d: int, device: str, dtype: torch.dtype) -> Case:
-    """Decode attention over a quantized cache against SDPA over the float cache."""
+    """Decode attention over a quantized cache against SDPA over the float cache; both caches
+    rotated through copies like the matmul weights, so that each step reads from memory."""
     g = torch.Generator().manual_seed(0)
     k = torch.randn(b, h_kv, ctx, d, generator=g)
     v = torch.randn(b, h_kv, ctx, d, generator=g)
     q = torch.randn(b, h_q, 1, d, generator=g).to(dtype).to(device)
     kq = [t.to(device) if t is not None else None for t in kv.quantize_kv(k, bits)]
     vq = [t.to(device) if t is not None else None for t in kv.quantize_kv(v, bits)]
-    case = Case(f"kv_attention int{bits}", f"B{b} Hq{h_q} Hkv{h_kv} ctx{ctx} D{d}", 1, _nbytes(*kq, *vq))
-    _set_lowbit(case, "kv_attention", [(q, kq[0], kq[1], kq[2], vq[0], vq[1], vq[2], False, None)], device)
+    nbytes = _nbytes(*kq, *vq)
+    case = Case(f"kv_attention int{bits}", f"B{b} Hq{h_q} Hkv{h_kv} ctx{ctx} D{d}", 1, nbytes)
+    caches = [kq + vq] + [[t.clone() if t is not None else None for t in kq + vq]
+                          for _ in range(copies_for_rotation(nbytes, device) - 1)]
+    _set_lowbit(case, "kv_attention", [(q, c[0], c[1], c[2], c[3], c[4], c[5], False, None) for c in caches], device)
     base_dtype = torch.float32 if device == "cpu" else torch.float16
     kf, vf, qf = k.to(base_dtype).to(device), v.to(base_dtype).to(device), q.to(base_dtype)
+    floats = [(kf, vf)] + [(kf.clone(), vf.clone()) for _ in range(copies_for_rotation(_nbytes(kf, vf), device) - 1)]
     case.contenders[f"SDPA {str(base_dtype).replace('torch.', '')}"] = [
-        lambda: F.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)
+        lambda k_=k_, v_=v_: F.scaled_dot_product_attention(qf, k_, v_, enable_gqa=True) for k_, v_ in floats
     ]
     return case
