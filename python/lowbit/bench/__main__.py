@@ -20,7 +20,7 @@ import sys
 import torch
 
 from .cases import Case, kv_case, matmul_case
-from .timing import median_time, read_bandwidth
+from .timing import copy_bandwidth, median_time, read_bandwidth
 
 MATMUL_OPS = ("int4", "nf4", "ternary", "sparse24")
 KV_OPS = ("kv8", "kv4")
@@ -44,6 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per contender")
     p.add_argument("--markdown", help="write the table to this Markdown file")
     p.add_argument("--plot", help="write a speedup-vs-batch PNG here (needs matplotlib)")
+    p.add_argument("--json", help="write the rows (and the measured bandwidths) as JSON here")
     return p.parse_args(argv)
 
 
@@ -145,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"{header}\n\n{table}\n")
     if a.plot:
         _plot(rows, a.plot)
+    if a.json:
+        import json
+
+        kt = sys.modules.get("lowbit.kernels_triton")  # the Triton backend's per-shape choices, if it ran
+        configs = {op: {str(k): v for k, v in c.items()} for op, c in kt.chosen_configs().items()} if kt else {}
+        with open(a.json, "w") as f:
+            json.dump({"header": header, "read_bandwidth": bandwidth, "copy_bandwidth": copy_bandwidth(a.device),
+                       "rows": rows, "triton_configs": configs}, f, indent=1)
     return 0
 
 
