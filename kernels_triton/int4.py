@@ -196,14 +196,17 @@ def _int4_mm_kernel(
 def _int4_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr,
     N, K, G, stride_qn, stride_sn, stride_zn,
-    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, G_POW2: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     rows64 = offs_n.to(tl.int64)
     mask = (offs_n < N)[:, None] & (offs_h < K // 2)[None, :]
     b = tl.load(qw_ptr + rows64[:, None] * stride_qn + offs_h[None, :], mask=mask, other=0).to(tl.int32)
-    g = (2 * offs_h) // G
+    if G_POW2 > 0:  # a shift, and Triton sees the run of equal scale indices
+        g = (2 * offs_h) // G_POW2
+    else:
+        g = (2 * offs_h) // G
     s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_ZERO:
         z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -223,11 +226,12 @@ def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> t
     zeros = contiguous_rows(zeros) if zeros is not None else None
     n, k = qweight.shape[0], qweight.shape[1] * 2
     w = torch.empty((n, k), dtype=dtype, device=qweight.device)
-    bn, bh = 16, 128
+    bn, bh = 32, 256
+    g_pow2 = group_size if group_size & (group_size - 1) == 0 else 0
     _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // 2, bh))](
         qweight, scales, zeros if zeros is not None else scales, w,
         n, k, group_size, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
-        HAS_ZERO=zeros is not None, BLOCK_N=bn, BLOCK_H=bh, num_warps=4,
+        HAS_ZERO=zeros is not None, BLOCK_N=bn, BLOCK_H=bh, G_POW2=g_pow2, num_warps=8,
     )
     return w
 

@@ -34,18 +34,26 @@ from . import forced_backend
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_GPU_AVAILABLE: dict[str, bool] = {}
+
+
 def available(device_type: str) -> bool:
     """Whether Triton kernels run on tensors of ``device_type`` here (see the module docstring)."""
     if device_type == "cpu":
         return INTERPRET and forced_backend() == "triton"
     if INTERPRET:  # the interpreter would run GPU tensors on the host: not a GPU backend then
         return False
-    if device_type == "cuda":
-        return torch.cuda.is_available()
-    if device_type == "xpu":
-        xpu = getattr(torch, "xpu", None)
-        return xpu is not None and xpu.is_available()
-    return False
+    ok = _GPU_AVAILABLE.get(device_type)  # asked on every dispatch: answer once
+    if ok is None:
+        if device_type == "cuda":
+            ok = torch.cuda.is_available()
+        elif device_type == "xpu":
+            xpu = getattr(torch, "xpu", None)
+            ok = xpu is not None and xpu.is_available()
+        else:
+            ok = False
+        _GPU_AVAILABLE[device_type] = ok
+    return ok
 
 
 def _float(*ts) -> bool:
