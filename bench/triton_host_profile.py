@@ -55,9 +55,8 @@ def main() -> None:
         f"_launch {cfg}": lambda: k4._launch(cfg, x, qw, s, z, g, None, y),
         f"_launch {gemv}": lambda: k4._launch(gemv, x, qw, s, z, g, None, y),
     }
-    qw32 = qw.view(torch.int32)
     rows["raw gemv kernel[grid](...)"] = lambda: k4._int4_gemv_kernel[(32, 1, 1)](
-        x, qw32, s, z, s, y, y, 1, 4096, 4096, 128, 4096, 0x3F800000, x.stride(0), x.stride(1), qw.stride(0) // 4,
+        x, qw, s, z, s, y, y, 1, 4096, 4096, 128, 4096, 0x3F800000, x.stride(0), x.stride(1), qw.stride(0) // 4,
         s.stride(0), z.stride(0), y.stride(0), HAS_ZERO=True, HAS_BIAS=False, EXACT=False, PARTIAL=False,
         BLOCK_N=128, GS=128, num_warps=8, num_stages=3)
     kargs = to_device(kv_args(1, 32, 8, 1, 4096, 128, torch.float16, bits=8), "cuda")

@@ -66,6 +66,7 @@ def _int4_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
     q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, GS // 8)[None, :]
     x_ptrs = x_ptr + m * stride_xm + tl.arange(0, GS) * stride_xk
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -295,7 +296,7 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         per = triton.cdiv(k // gs, split) * gs
         _int4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
-            x2, qweight.view(torch.int32), scales, zt, bias if bias is not None else scales, y, partial,
+            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
             m, n, k, g, per, 0x4B000000 if x2.dtype == torch.float32 else 0x3F800000,
             x2.stride(0), x2.stride(1), qweight.stride(0) // 4, scales.stride(0), zt.stride(0), y.stride(0),
             HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=split > 1,

@@ -81,6 +81,7 @@ def _nf4_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
     q_ptrs = qw_ptr + rows64[:, None] * (K // 8) + tl.arange(0, GS // 8)[None, :]
     x_ptrs = x_ptr + m * stride_xm + tl.arange(0, GS) * stride_xk
     blocks_per_row = K // BS
@@ -252,7 +253,7 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
         per = triton.cdiv(k // gs, split) * gs
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         _nf4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
-            x2, qweight.view(torch.int32), am, am_s, am_c, float(offset), code_table(x2.device, torch.float32),
+            x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, torch.float32),
             bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
             DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, **c.launch_opts(),
         )

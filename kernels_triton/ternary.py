@@ -93,6 +93,7 @@ def _ternary_gemv_kernel(
     r_mask = offs_r < R
     offs_kw = tl.arange(0, BLOCK_K // 4)
     offs_k = tl.arange(0, BLOCK_K)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
     q_ptrs = qw_ptr + offs_r.to(tl.int64)[:, None] * stride_qr + offs_kw[None, :]
     f0 = tl.zeros([BLOCK_R], dtype=tl.float32)
     f1 = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -269,7 +270,7 @@ def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         _ternary_gemv_kernel[(triton.cdiv(r, br), m, split)](
-            x2, qweight.view(torch.int32), weight_scale, bvec, y, partial,
+            x2, qweight, weight_scale, bvec, y, partial,
             m, n, r, k, per, 0x3F800000, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
             PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
             BLOCK_R=br, BLOCK_K=bk, **c.launch_opts(),
