@@ -235,6 +235,17 @@ def pick(
     return cache.choose(key, cands, run, device)
 
 
+def with_unsplit(configs: list[Config], count: int = 2) -> list[Config]:
+    """``configs`` plus SPLIT_K=1 twins of the first ``count`` split ones: one launch fewer (no
+    reduction kernel) can beat the better-filled GPU when the host's launch cost dominates."""
+    twins = []
+    for c in configs:
+        if c.get("SPLIT_K", 1) > 1 and len(twins) < count:
+            twins.append(Config(c.path, c.params, c.num_warps, c.num_stages,
+                                tuple((k, 1 if k == "SPLIT_K" else v) for k, v in c.extra)))
+    return configs + twins
+
+
 def m_bucket(m: int) -> int:
     """Rows of the activation, rounded up to a power of two (the cache key's batch)."""
     return 1 if m <= 1 else triton.next_power_of_2(m)

@@ -37,6 +37,7 @@ from ._common import (
     small_int_to_float,
     split_k_for,
     splitk_reduce,
+    with_unsplit,
 )
 
 _CACHE = cache_for("int4_matmul")
@@ -250,6 +251,7 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
             programs = triton.cdiv(n, bn) * m
             split = split_k_for(programs, k // gs, device, max_split=32, per_sm=4)
             gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+        gemv = with_unsplit(gemv)
     mm: list[Config] = []
     bk_max = _pow2_divisor(g, 128)
     if dtype in (torch.float16, torch.bfloat16) and bk_max >= 32:

@@ -224,6 +224,8 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
     groups = h_q // h_kv
     rows = groups * s_q
     bm, bs = c["BLOCK_M"], c["BLOCK_S"]
+    if bits == 4:  # 16-token int4 tiles miscompile with Triton 3.6 on sm_90 (wrong results): use >= 32
+        bs = max(bs, 32)
     block_d = max(16, triton.next_power_of_2(d))
     per_split = c.get("BLOCKS_PER_SPLIT", triton.cdiv(s_kv, bs)) * bs
     nsplit = triton.cdiv(s_kv, per_split)

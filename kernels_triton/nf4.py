@@ -31,6 +31,7 @@ from ._common import (
     rows_2d,
     split_k_for,
     splitk_reduce,
+    with_unsplit,
 )
 
 _CACHE = cache_for("nf4_matmul")
@@ -212,6 +213,7 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
     for bn, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8)):
         split = split_k_for(triton.cdiv(n, bn) * m, k // gs, device, max_split=32, per_sm=4)
         gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+    gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
         if m <= 16:

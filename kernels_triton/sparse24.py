@@ -31,6 +31,7 @@ from ._common import (
     rows_2d,
     split_k_for,
     splitk_reduce,
+    with_unsplit,
 )
 
 _CACHE = cache_for("sparse24_matmul")
@@ -199,6 +200,7 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device)
     for bn, bk, w in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (32, 512, 8), (64, 128, 4)):
         split = split_k_for(triton.cdiv(n, bn) * m, triton.cdiv(k, bk), device, max_split=32, per_sm=4)
         gemv.append(cfg("gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+    gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
         if m <= 16:

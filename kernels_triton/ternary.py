@@ -32,6 +32,7 @@ from ._common import (
     rows_2d,
     split_k_for,
     splitk_reduce,
+    with_unsplit,
 )
 
 _CACHE = cache_for("ternary_matmul")
@@ -52,7 +53,9 @@ def _row_scale(x_row, stride_xk, K, BLOCK: tl.constexpr):
     for k0 in range(0, K, BLOCK):
         v = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
-    return 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
+    # IEEE division (a plain "/" is the approximate div.full.f32): x_scale as torch computes it
+    d = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    return tl.math.div_rn(d * 0.0 + 127.0, d)
 
 
 @triton.jit
@@ -237,6 +240,7 @@ def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
         for br, bk, w in ((16, 512, 4), (8, 1024, 4), (32, 512, 8), (16, 1024, 8), (4, 1024, 2)):
             split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=32, per_sm=4)
             gemv.append(cfg("gemv", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=2, extra={"SPLIT_K": split}))
+        gemv = with_unsplit(gemv)
     mm = []
     if m > 1 or not gemv:
         if m <= 16:
