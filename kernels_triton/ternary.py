@@ -40,9 +40,18 @@ _EPS = 1e-5
 
 
 @triton.jit
-def _rne(v):
-    """Round half to even for |v| < 2^22 (the 1.5 * 2^23 trick; torch.round semantics)."""
-    return (v + 12582912.0) - 12582912.0
+def _quant(x, xs, zero):
+    """``clamp(round(x * x_scale), -128, 127)`` exactly as torch does it in float32.
+
+    The product must be rounded to float32 before the rounding add: OR-ing its bits with
+    ``zero`` (a run-time 0 the compiler cannot see through) stops LLVM and ptxas from fusing
+    the two into an FMA, which would round the exact product instead. NaN maps to 0 as in
+    the format. Then round half to even by the 1.5 * 2^23 trick.
+    """
+    p = ((x * xs).to(tl.int32, bitcast=True) | zero).to(tl.float32, bitcast=True)
+    p = tl.where(p == p, p, 0.0)
+    r = (p + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(r, -128.0), 127.0)
 
 
 @triton.jit
@@ -82,7 +91,7 @@ def _spread4(w, I: tl.constexpr, one_bits):
 @triton.jit
 def _ternary_gemv_kernel(
     x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr,
-    M, N, R, K, k_per_split, one_bits,
+    M, N, R, K, k_per_split, one_bits, zero,
     stride_xm, stride_xk, stride_qr, stride_ym,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -112,7 +121,7 @@ def _ternary_gemv_kernel(
         else:
             wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
             xv = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=k0 + offs_k < k_hi, other=0.0).to(tl.float32)
-        xq = tl.minimum(tl.maximum(_rne(xv * xs), -128.0), 127.0)
+        xq = _quant(xv, xs, zero)
         xq_sum += tl.sum(xq[None, :], axis=1)
         f0 += tl.sum(_spread4(wd, 0, one_bits) * xq[None, :], axis=1)
         f1 += tl.sum(_spread4(wd, 1, one_bits) * xq[None, :], axis=1)
@@ -149,7 +158,7 @@ def _ternary_store(acc, offs_r, I: tl.constexpr, R, N, m, pid_k, M, xs, ws_ptr, 
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, xq_ptr, xs_ptr, K, stride_xm, stride_xk, BLOCK: tl.constexpr):
+def _quant_rows_kernel(x_ptr, xq_ptr, xs_ptr, K, zero, stride_xm, stride_xk, BLOCK: tl.constexpr):
     """Per-token int8 quantization (the format's ``quantize_activations``) of one row."""
     m = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + m * stride_xm
@@ -157,7 +166,7 @@ def _quant_rows_kernel(x_ptr, xq_ptr, xs_ptr, K, stride_xm, stride_xk, BLOCK: tl
     offs = tl.arange(0, BLOCK)
     for k0 in range(0, K, BLOCK):
         v = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_rne(v * xs), -128.0), 127.0)
+        q = _quant(v, xs, zero)
         tl.store(xq_ptr + m * K + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
     tl.store(xs_ptr + m, xs)
 
@@ -229,7 +238,7 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2.shape
     xq = torch.empty((m, k), dtype=torch.int8, device=x2.device)
     xs = torch.empty((m,), dtype=torch.float32, device=x2.device)
-    _quant_rows_kernel[(m,)](x2, xq, xs, k, x2.stride(0), x2.stride(1), BLOCK=1024, num_warps=4)
+    _quant_rows_kernel[(m,)](x2, xq, xs, k, 0, x2.stride(0), x2.stride(1), BLOCK=1024, num_warps=4)
     return xq, xs
 
 
@@ -275,7 +284,7 @@ def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         _ternary_gemv_kernel[(triton.cdiv(r, br), m, split)](
             x2, qweight, weight_scale, bvec, y, partial,
-            m, n, r, k, per, 0x3F800000, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
+            m, n, r, k, per, 0x3F800000, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
             PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
             BLOCK_R=br, BLOCK_K=bk, **c.launch_opts(),
         )
