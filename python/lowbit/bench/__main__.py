@@ -20,7 +20,7 @@ import sys
 import torch
 
 from .cases import Case, kv_case, matmul_case
-from .timing import median_time, read_bandwidth
+from .timing import copy_bandwidth, median_time, read_bandwidth
 
 MATMUL_OPS = ("int4", "nf4", "ternary", "sparse24")
 KV_OPS = ("kv8", "kv4")
@@ -44,6 +44,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per contender")
     p.add_argument("--markdown", help="write the table to this Markdown file")
     p.add_argument("--plot", help="write a speedup-vs-batch PNG here (needs matplotlib)")
+    p.add_argument("--json", help="write the rows (and the measured bandwidths) as JSON here")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: time replays of CUDA graphs (device time only, no host launch overhead)")
     return p.parse_args(argv)
 
 
@@ -127,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         f"({torch.cuda.get_device_name() if a.device == 'cuda' else platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, activations {dtype}, "
         f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s"
+        + (", device time of CUDA-graph replays" if a.graph else "")
     )
     print(header, flush=True)
     rows = []
     for make in _cases(a, dtype):
         case = make()
-        times = {name: median_time(calls, a.device, budget_s=a.budget) for name, calls in case.contenders.items()}
+        times = {name: median_time(calls, a.device, budget_s=a.budget, graph=a.graph)
+                 for name, calls in case.contenders.items()}
         row = _row(case, times, bandwidth, case.backend)
         rows.append(row)
         speed = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("×"))
@@ -145,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"{header}\n\n{table}\n")
     if a.plot:
         _plot(rows, a.plot)
+    if a.json:
+        import json
+
+        kt = sys.modules.get("lowbit.kernels_triton")  # the Triton backend's per-shape choices, if it ran
+        configs = {op: {str(k): v for k, v in c.items()} for op, c in kt.chosen_configs().items()} if kt else {}
+        with open(a.json, "w") as f:
+            json.dump({"header": header, "read_bandwidth": bandwidth, "copy_bandwidth": copy_bandwidth(a.device),
+                       "rows": rows, "triton_configs": configs}, f, indent=1)
     return 0
 
 

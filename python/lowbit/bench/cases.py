@@ -49,14 +49,31 @@ def _baseline_dtypes(device: str) -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16,)
 
 
+_weights: dict[tuple, tuple] = {}
+
+
+def _generator(device: str) -> torch.Generator:
+    """Random data is made where it is used: a GPU makes (and quantizes) GPU-sized weights fast."""
+    return torch.Generator(device=device if device != "cpu" else "cpu").manual_seed(0)
+
+
+def _weight(fmt: str, n: int, k: int, device: str, act_dtype: torch.dtype, **opts):
+    """The random weight and its packed form, kept for the next case of the same weight (the CLI
+    varies M innermost), so that large weights are made and quantized once."""
+    key = (fmt, n, k, device, act_dtype, tuple(sorted(opts.items())))
+    if key not in _weights:
+        _weights.clear()
+        w = torch.randn(n, k, generator=_generator(device), device=device) * 0.02
+        if fmt == "sparse24":
+            w = sparse24.prune(w)  # the baselines multiply by the same pruned weight
+        _weights[key] = (w, _quantize(fmt, w, act_dtype, **opts))
+    return _weights[key]
+
+
 def matmul_case(fmt: str, n: int, k: int, m: int, device: str, act_dtype: torch.dtype, **opts) -> Case:
     """lowbit's ``<fmt>_matmul`` on a random ``[n, k]`` weight against dense ``F.linear``."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g) * 0.02
-    x = torch.randn(m, k, generator=g).to(act_dtype).to(device)
-    if fmt == "sparse24":
-        w = sparse24.prune(w)  # the baselines multiply by the same pruned weight
-    packed = _quantize(fmt, w, act_dtype, **opts)
+    w, packed = _weight(fmt, n, k, device, act_dtype, **opts)
+    x = torch.randn(m, k, generator=_generator(device).manual_seed(1), device=device).to(act_dtype)
     tensors = [t.to(device) if t is not None else None for t in packed.tensors().values()]
     nbytes = _nbytes(*tensors)
     copies = [tensors] + [[t.clone() if t is not None else None for t in tensors]
@@ -119,10 +136,10 @@ def _int4pack_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, gr
 def kv_case(bits: int, b: int, h_q: int, h_kv: int, ctx: int, d: int, device: str, dtype: torch.dtype) -> Case:
     """Decode attention over a quantized cache against SDPA over the float cache; both caches
     rotated through copies like the matmul weights, so that each step reads from memory."""
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(b, h_kv, ctx, d, generator=g)
-    v = torch.randn(b, h_kv, ctx, d, generator=g)
-    q = torch.randn(b, h_q, 1, d, generator=g).to(dtype).to(device)
+    g = _generator(device)
+    k = torch.randn(b, h_kv, ctx, d, generator=g, device=device)
+    v = torch.randn(b, h_kv, ctx, d, generator=g, device=device)
+    q = torch.randn(b, h_q, 1, d, generator=g.manual_seed(1), device=device).to(dtype)
     kq = [t.to(device) if t is not None else None for t in kv.quantize_kv(k, bits)]
     vq = [t.to(device) if t is not None else None for t in kv.quantize_kv(v, bits)]
     nbytes = _nbytes(*kq, *vq)

@@ -1,0 +1,352 @@
+"""Shared machinery of the Triton kernels: configurations, the per-shape choice cache, split-K.
+
+Every op family offers a small, fixed list of candidate :class:`Config` s for a call (which
+kernel "path" - e.g. a GEMV, a tensor-core tile kernel, or dequantize-then-cuBLAS - and its
+block sizes). :class:`ConfigCache` times the candidates once per shape key on the GPU (each
+run preceded by an L2 flush, CUDA events, the median of a few runs) and keeps the fastest;
+later calls with the same key go straight to it.
+
+Tuning is skipped - the first candidate, the heuristic default, runs - when:
+* Triton runs in its interpreter (``TRITON_INTERPRET=1``, CPU tests);
+* the current stream is being captured into a CUDA graph (nothing may synchronise then);
+  the choice is not cached, so the first eager call still tunes;
+* ``LOWBIT_TRITON_AUTOTUNE=0`` is set (deterministic runs).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+#: Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when these modules are imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE_ENV = "LOWBIT_TRITON_AUTOTUNE"
+_L2_FLUSH_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way to run a call: a path name, its constexpr block sizes, warps and stages."""
+
+    path: str
+    params: tuple[tuple[str, int], ...] = ()
+    num_warps: int = 4
+    num_stages: int = 3
+    extra: tuple[tuple[str, int], ...] = field(default=())  # non-constexpr launch choices (split-K)
+
+    def __getitem__(self, name: str) -> int:
+        for k, v in self.params + self.extra:
+            if k == name:
+                return v
+        raise KeyError(name)
+
+    def get(self, name: str, default: int | None = None) -> int | None:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def constexprs(self) -> dict[str, int]:
+        return dict(self.params)
+
+    def launch_opts(self) -> dict[str, int]:
+        """``num_warps``/``num_stages`` for a compiled launch (the interpreter takes them too)."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def __str__(self) -> str:
+        p = ",".join(f"{k}={v}" for k, v in self.params + self.extra)
+        return f"{self.path}[{p}|w{self.num_warps}s{self.num_stages}]"
+
+
+def cfg(path: str, num_warps: int = 4, num_stages: int = 3, extra: dict | None = None, **params: int) -> Config:
+    return Config(path, tuple(params.items()), num_warps, num_stages, tuple((extra or {}).items()))
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    if INTERPRET or device.type != "cuda":
+        return False
+    if os.environ.get(AUTOTUNE_ENV, "1").strip() in ("0", "false", "no", "off"):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _flush_buffers.get(idx)
+    if buf is None:
+        buf = _flush_buffers[idx] = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
+def _host_time(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
+    """Median host (CPU) seconds to enqueue ``fn``: what an eager caller waits before the next op."""
+    import time
+
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def _device_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Median device seconds of ``fn`` replayed from a CUDA graph (no host overhead), L2 flushed
+    before each replay; falls back to events around eager calls if capture fails."""
+    graph = None
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except Exception:  # noqa: BLE001 - capture unsupported for this call: time it eagerly
+        graph = None
+        torch.cuda.synchronize(device)
+        run = fn
+    times: list[float] = []
+    n = 3
+    while len(times) < n:
+        _flush_l2(device)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        run()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e-3)
+        if len(times) == 3:  # more runs for fast candidates (about 3 ms per candidate)
+            n = max(3, min(15, int(3e-3 / max(statistics.median(times), 1e-7))))
+    del graph
+    return statistics.median(times)
+
+
+def bench(fn: Callable[[], object], device: torch.device) -> float:
+    """Score of one candidate: ``max(device time, host enqueue time)``, seconds.
+
+    A call costs its kernels' device time (measured from a CUDA-graph replay, L2 flushed) but
+    an eager caller also waits for the host to enqueue it (Python, launches); back-to-back
+    calls run at the slower of the two, so the tuner minimises that.
+    """
+    fn()  # compile / warm up
+    torch.cuda.synchronize(device)
+    return max(_device_time(fn, device), _host_time(fn, device))
+
+
+class ConfigCache:
+    """Chosen configuration per shape key, for one op family."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._chosen: dict[tuple, Config] = {}
+        self.timings: dict[tuple, list[tuple[str, float]]] = {}
+
+    def choose(
+        self,
+        key: tuple,
+        candidates: Sequence[Config],
+        run: Callable[[Config], object],
+        device: torch.device,
+    ) -> Config:
+        """The cached choice for ``key``, else the fastest candidate (or the first, untuned)."""
+        hit = self._chosen.get(key)
+        if hit is not None:
+            return hit
+        if not candidates:
+            raise RuntimeError(f"lowbit.kernels_triton.{self.name}: no candidate configuration for {key}")
+        if len(candidates) == 1 or not tuning_enabled(device):
+            if not _capturing(device):  # a choice made during capture is not kept: tune later
+                self._chosen[key] = candidates[0]
+            return candidates[0]
+        results: list[tuple[str, float]] = []
+        best, best_t = candidates[0], float("inf")
+        for c in candidates:
+            try:
+                t = bench(lambda c=c: run(c), device)
+            except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # too much smem, etc.
+                results.append((f"{c} failed: {type(e).__name__}", float("inf")))
+                continue
+            results.append((str(c), t))
+            if t < best_t:
+                best, best_t = c, t
+        self._chosen[key] = best
+        self.timings[key] = results
+        return best
+
+    def chosen(self) -> dict[tuple, Config]:
+        return dict(self._chosen)
+
+    def clear(self) -> None:
+        self._chosen.clear()
+        self.timings.clear()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+CACHES: dict[str, ConfigCache] = {}
+
+
+def cache_for(name: str) -> ConfigCache:
+    if name not in CACHES:
+        CACHES[name] = ConfigCache(name)
+    return CACHES[name]
+
+
+def pick(
+    cache: ConfigCache,
+    key: tuple,
+    candidates: Callable[[], Sequence[Config]],
+    run: Callable[[Config], object],
+    device: torch.device,
+    config: Config | str | None,
+) -> Config:
+    """The configuration for a call: ``config`` if given (a Config, or a path name: that
+    path's first candidate), else the cached choice for ``key``, else tune ``candidates()``
+    (built only on a cache miss: the hit path is a dict lookup)."""
+    if isinstance(config, Config):
+        return config
+    if config is None:
+        hit = cache._chosen.get(key)
+        if hit is not None:
+            return hit
+    cands = candidates()
+    if isinstance(config, str):
+        for c in cands:
+            if c.path == config:
+                return c
+        raise ValueError(f"lowbit.kernels_triton.{cache.name}: path {config!r} cannot run this call "
+                         f"(paths: {sorted({c.path for c in cands})})")
+    return cache.choose(key, cands, run, device)
+
+
+def with_unsplit(configs: list[Config], count: int = 2) -> list[Config]:
+    """``configs`` plus SPLIT_K=1 twins of the first ``count`` split ones: one launch fewer (no
+    reduction kernel) can beat the better-filled GPU when the host's launch cost dominates."""
+    twins = []
+    for c in configs:
+        if c.get("SPLIT_K", 1) > 1 and len(twins) < count:
+            twins.append(Config(c.path, c.params, c.num_warps, c.num_stages,
+                                tuple((k, 1 if k == "SPLIT_K" else v) for k, v in c.extra)))
+    return configs + twins
+
+
+def m_bucket(m: int) -> int:
+    """Rows of the activation, rounded up to a power of two (the cache key's batch)."""
+    return 1 if m <= 1 else triton.next_power_of_2(m)
+
+
+_sm_counts: dict[tuple[str, int | None], int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors (CUDA), or a nominal 8 elsewhere (interpreter: fewer programs is faster)."""
+    key = (device.type, device.index)
+    if key not in _sm_counts:
+        n = 8
+        if device.type == "cuda" and not INTERPRET:
+            n = torch.cuda.get_device_properties(device).multi_processor_count
+        _sm_counts[key] = n
+    return _sm_counts[key]
+
+
+def split_k_for(programs: int, k_steps: int, device: torch.device, max_split: int = 16, per_sm: int = 2) -> int:
+    """Split the K loop so that about ``per_sm`` programs per multiprocessor run; each split
+    keeps at least 4 steps. (Decode-shaped calls stream the weight once: enough programs in
+    flight is what keeps enough loads in flight.)"""
+    want = max(1, (per_sm * num_sms(device) + programs - 1) // max(programs, 1))
+    split = 1
+    while split * 2 <= min(want, max_split) and k_steps // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+@triton.jit
+def _splitk_reduce_kernel(p_ptr, bias_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[i] = sum_s p[s, i] (+ bias[i % N]), cast to y's dtype; y is contiguous [M, N]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_reduce(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Sum ``partial [S, M, N]`` (float32) over S into ``y [M, N]`` (+ bias)."""
+    split, m, n = partial.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        partial, bias if bias is not None else partial, y, m * n, n, split,
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+    )
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` as ``[M, K]`` (a view where the strides allow it)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def contiguous_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last dimension (the packed weights' loads need it)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def finish(y2d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y2d.reshape(*x.shape[:-1], y2d.shape[-1])
+
+
+if not INTERPRET:
+
+    @triton.jit
+    def small_int_to_float(v, OFFSET: tl.constexpr, IS_BF16: tl.constexpr):
+        """``v - OFFSET`` as float16 (bfloat16) for int16 ``v`` in 0..127, by the exponent trick.
+
+        ``v | 0x6400`` is the float16 ``1024 + v`` (``v | 0x4300`` the bfloat16 ``128 + v``), so
+        one OR and one subtraction replace a slow int-to-float conversion.
+        """
+        if IS_BF16:
+            return (v | 0x4300).to(tl.bfloat16, bitcast=True) - (128.0 + OFFSET)
+        else:
+            return (v | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+
+    @triton.jit
+    def mma_in(x):
+        """A ``tl.dot`` operand as is (the interpreter's version widens bfloat16)."""
+        return x
+
+else:  # Triton's interpreter cannot bitcast to bfloat16, and its bfloat16 tl.dot is wrong
+
+    @triton.jit
+    def small_int_to_float(v, OFFSET: tl.constexpr, IS_BF16: tl.constexpr):
+        if IS_BF16:
+            return (v.to(tl.float32) - OFFSET).to(tl.bfloat16)
+        else:
+            return (v | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+
+    @triton.jit
+    def mma_in(x):
+        if x.dtype == tl.bfloat16:
+            return x.to(tl.float32)
+        else:
+            return x
+
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -1,0 +1,350 @@
+"""Group-wise int4 matmul ``y = x @ W.T (+ bias)``, reading lowbit's checkpoint layout directly.
+
+``qweight`` uint8 ``[N, K/2]`` (element 2j in the low nibble), ``scales``/``zeros`` ``[N, K/G]``,
+``w = scale * (q - zero)`` (``zeros=None``: zero 8). No repacking. Three paths:
+
+* ``gemv`` (few rows, any activation dtype): one program per ``BLOCK_N`` output features and
+  row of ``x``, streaming the weight once. Per group ``g`` it uses
+  ``sum_k w_k x_k = s_g * (sum_k q_k x_k - z_g * sum_k x_k)``, and ``q`` is turned into a float
+  by bit tricks instead of int-to-float conversions: the nibble is OR-ed into the mantissa of
+  1.0 (``1 + q/16``), so that one FMA per weight does the work (float16/bfloat16 activations);
+  float32 activations take the exact conversion.
+* ``mm`` (float16/bfloat16, ``G % 16 == 0``): tensor-core tiles; the nibbles become
+  float16/bfloat16 integers through the ``0x6400``/``0x4300`` exponent trick, the even and
+  odd columns of ``x`` meet the low and high nibbles in two ``tl.dot`` s, and the group
+  scale (one group per K step) and zero point are applied to the fp32 tile afterwards.
+  Split-K over a float32 workspace when the tiles alone would not fill the GPU.
+* ``dense``: dequantize to ``x.dtype`` with a Triton kernel, then cuBLAS (large M).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (
+    Config,
+    cache_for,
+    cfg,
+    contiguous_rows,
+    finish,
+    m_bucket,
+    mma_in,
+    pick,
+    rows_2d,
+    small_int_to_float,
+    split_k_for,
+    splitk_reduce,
+    with_unsplit,
+)
+
+_CACHE = cache_for("int4_matmul")
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, G, k_per_split, one_bits,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr,
+):
+    """One row of x against BLOCK_N rows of W; each step is GS weights of one group.
+
+    The weight is read as int32 words (8 nibbles, elements 8j..8j+7) into a [BLOCK_N, GS/8]
+    tile; the nibbles are spread in registers (join + reshape, no data movement) to
+    [BLOCK_N, GS], so each thread holds a run of consecutive weights of a few rows and the
+    matching run of x once. Per step and row: ``s * (sum_k q_k x_k - z * sum_k x_k)``.
+    Split-K (``PARTIAL``): program (n, m, split) covers ``k_per_split`` columns.
+    ``one_bits`` is 0x3F800000 (0x4B000000 for EXACT), passed at run time so that it sits in a
+    register and ``(v & MASK) | one_bits`` compiles to one LOP3 (two immediates do not fit one).
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
+    q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, GS // 8)[None, :]
+    x_ptrs = x_ptr + m * stride_xm + tl.arange(0, GS) * stride_xk
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    wd_next = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
+    for k0 in range(k_lo, k_hi, GS):
+        wd = wd_next  # prefetched: the next step's words are in flight while this one computes
+        k_next = tl.minimum(k0 + GS, k_hi - GS)  # (the last step re-reads itself: no mask needed)
+        wd_next = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
+        xv = tl.load(x_ptrs + k0 * stride_xk).to(tl.float32)
+        xsum = tl.sum(xv[None, :], axis=1)  # [1], in the reduction's layout (no conversion)
+        g = k0 // G
+        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            z = 8.0
+        if EXACT:  # float32 activations: exact q (2^23 + q, minus 2^23)
+            q = _spread_nibbles(wd, one_bits, 0, 0xF)
+            qx = tl.sum((q - 8388608.0) * xv[None, :], axis=1)
+        else:  # 1 + q/16 exactly: the nibble lands in mantissa bits 19..22 of 1.0f
+            q = _spread_nibbles(wd, one_bits, 19, 0x780000)
+            qx = 16.0 * (tl.sum(q * xv[None, :], axis=1) - xsum)
+        acc += s * (qx - z * xsum)
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _spread_nibbles(w, OR, POS: tl.constexpr, MASK: tl.constexpr):
+    """int32 words [R, C] -> float32 [R, 8C]: nibble i of word j at column 8j+i, as the bits
+    ``((nibble << POS) & MASK) | OR`` (two integer ops per weight, no int-to-float)."""
+    n0 = _nib(w, 0, OR, POS, MASK)
+    n1 = _nib(w, 1, OR, POS, MASK)
+    n2 = _nib(w, 2, OR, POS, MASK)
+    n3 = _nib(w, 3, OR, POS, MASK)
+    n4 = _nib(w, 4, OR, POS, MASK)
+    n5 = _nib(w, 5, OR, POS, MASK)
+    n6 = _nib(w, 6, OR, POS, MASK)
+    n7 = _nib(w, 7, OR, POS, MASK)
+    # join order: index (a, b, c) of the three new dims = nibble 4a + 2b + c
+    t = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+
+
+@triton.jit
+def _nib(w, I: tl.constexpr, OR, POS: tl.constexpr, MASK: tl.constexpr):
+    if 4 * I <= POS:
+        v = (w << (POS - 4 * I)) & MASK
+    else:
+        v = (w >> (4 * I - POS)) & MASK
+    return (v | OR).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_mm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, G, k_per_split,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IS_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALE_B: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
+    q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None], other=0.0)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0).to(tl.int16)
+        g = k0 // G
+        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+        if SCALE_B:  # big tiles: dequantize B fully, accumulate in place (one fp32 tile)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+                lo = small_int_to_float(qb & 15, 0, IS_BF16) - z.to(xt.dtype)[:, None]
+                hi = small_int_to_float(qb >> 4, 0, IS_BF16) - z.to(xt.dtype)[:, None]
+            else:
+                lo = small_int_to_float(qb & 15, 8, IS_BF16)
+                hi = small_int_to_float(qb >> 4, 8, IS_BF16)
+            sd = s.to(xt.dtype)[:, None]
+            w = tl.interleave(lo * sd, hi * sd)
+            acc = tl.dot(mma_in(xt), mma_in(tl.trans(w)), acc)
+        elif HAS_ZERO:  # small tiles: exact integer B, scale and zero applied to the fp32 tile
+            lo = small_int_to_float(qb & 15, 0, IS_BF16)
+            hi = small_int_to_float(qb >> 4, 0, IS_BF16)
+            part = tl.dot(mma_in(xt), mma_in(tl.trans(tl.interleave(lo, hi))))
+            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+            xs = tl.sum(xt.to(tl.float32), axis=1)
+            acc += (part - xs[:, None] * z[None, :]) * s[None, :]
+        else:
+            lo = small_int_to_float(qb & 15, 8, IS_BF16)
+            hi = small_int_to_float(qb >> 4, 8, IS_BF16)
+            part = tl.dot(mma_in(xt), mma_in(tl.trans(tl.interleave(lo, hi))))
+            acc += part * s[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        p_ptrs = p_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr,
+    N, K, G, stride_qn, stride_sn, stride_zn,
+    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, G_POW2: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows64 = offs_n.to(tl.int64)
+    mask = (offs_n < N)[:, None] & (offs_h < K // 2)[None, :]
+    b = tl.load(qw_ptr + rows64[:, None] * stride_qn + offs_h[None, :], mask=mask, other=0).to(tl.int32)
+    if G_POW2 > 0:  # a shift, and Triton sees the run of equal scale indices
+        g = (2 * offs_h) // G_POW2
+    else:
+        g = (2 * offs_h) // G
+    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = 8.0
+    lo = ((b & 15).to(tl.float32) - z) * s
+    hi = ((b >> 4).to(tl.float32) - z) * s
+    w = tl.interleave(lo, hi)
+    offs_k = tl.program_id(1) * (2 * BLOCK_H) + tl.arange(0, 2 * BLOCK_H)
+    wmask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(w_ptr + rows64[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=wmask)
+
+
+def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` (computed in float32 like the reference)."""
+    qweight, scales = contiguous_rows(qweight), contiguous_rows(scales)
+    zeros = contiguous_rows(zeros) if zeros is not None else None
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    bn, bh = 32, 256
+    g_pow2 = group_size if group_size & (group_size - 1) == 0 else 0
+    _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // 2, bh))](
+        qweight, scales, zeros if zeros is not None else scales, w,
+        n, k, group_size, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
+        HAS_ZERO=zeros is not None, BLOCK_N=bn, BLOCK_H=bh, G_POW2=g_pow2, num_warps=8,
+    )
+    return w
+
+
+def _pow2_divisor(g: int, cap: int) -> int:
+    return min(g & -g, cap)
+
+
+def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    """The fixed candidate list for a call; the first one is the untuned default."""
+    gemv: list[Config] = []
+    gs = _pow2_divisor(g, 128)
+    if k % 8 == 0 and gs >= 8:  # int32 words of 8 nibbles, steps of GS within one group
+        for bn, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8)):
+            programs = triton.cdiv(n, bn) * m
+            split = split_k_for(programs, k // gs, device, max_split=32, per_sm=4)
+            gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+        gemv = with_unsplit(gemv)
+    mm: list[Config] = []
+    bk_max = _pow2_divisor(g, 128)
+    if dtype in (torch.float16, torch.bfloat16) and bk_max >= 32:
+        if m <= 16:
+            shapes = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3))
+        elif m <= 64:
+            shapes = ((32, 64, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (32, 128, 64, 4, 4))
+        else:
+            shapes = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+                      (256, 128, 64, 8, 3))
+        for bm, bn, bk, w, st in shapes:
+            bk = min(bk, bk_max)
+            programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            split = split_k_for(programs, k // bk, device)
+            mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                          extra={"SPLIT_K": split}))
+    dense = [cfg("dense")]
+    if not (gemv or mm):
+        return dense
+    if m > (16 if dtype == torch.float32 else 8):
+        gemv = []
+    if m <= 4 or not mm:
+        return gemv + mm + (dense if m > 1 or not gemv else [])
+    if m <= 256:
+        return mm + gemv + dense
+    return dense + mm
+
+
+def _split(split: int, steps: int, step: int) -> int:
+    """The number of K ranges actually used when ``steps`` steps are cut into ``split``."""
+    per = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per)
+
+
+def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Tensor:
+    m, k = x2.shape
+    n = qweight.shape[0]
+    has_zero = zeros is not None
+    zt = zeros if has_zero else scales
+    if c.path == "gemv":
+        gs = _pow2_divisor(g, 128)
+        bn = c["BLOCK_N"]
+        split = _split(c.get("SPLIT_K", 1), k // gs, gs)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        per = triton.cdiv(k // gs, split) * gs
+        _int4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
+            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
+            m, n, k, g, per, 0x4B000000 if x2.dtype == torch.float32 else 0x3F800000,
+            x2.stride(0), x2.stride(1), qweight.stride(0) // 4, scales.stride(0), zt.stride(0), y.stride(0),
+            HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=split > 1,
+            BLOCK_N=bn, GS=gs, **c.launch_opts(),
+        )
+        if split > 1:
+            splitk_reduce(partial, bias, y)
+        return y
+    if c.path == "mm":
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        split = _split(c.get("SPLIT_K", 1), k // bk, bk)
+        per = triton.cdiv(k // bk, split) * bk
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        _int4_mm_kernel[grid](
+            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
+            m, n, k, g, per,
+            x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), zt.stride(0), y.stride(0),
+            HAS_ZERO=has_zero, HAS_BIAS=bias is not None, PARTIAL=split > 1, IS_BF16=x2.dtype == torch.bfloat16,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64, **c.launch_opts(),
+        )
+        if split > 1:
+            splitk_reduce(partial, bias, y)
+        return y
+    w = dequantize(qweight, scales, zeros, g, x2.dtype)
+    return F.linear(x2, w, bias)
+
+
+def int4_matmul(x, qweight, scales, zeros, group_size: int, bias=None, *, config: Config | str | None = None):
+    """``x @ dequant(W).T (+ bias)`` for CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``)."""
+    x2 = rows_2d(x)
+    m, k = x2.shape
+    qweight, scales = contiguous_rows(qweight), contiguous_rows(scales)
+    zeros = contiguous_rows(zeros) if zeros is not None else None
+    n = qweight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    aligned = qweight.data_ptr() % 4 == 0 and qweight.stride(0) % 4 == 0  # int32 word loads (gemv)
+
+    def cands():
+        cs = candidates(m, n, k, group_size, x.dtype, x.device)
+        return cs if aligned else [c for c in cs if c.path != "gemv"] or [cfg("dense")]
+
+    key = (m_bucket(m), n, k, group_size, x.dtype, zeros is not None, bias is not None, aligned, x.device)
+    c = pick(_CACHE, key, cands, lambda c: _launch(c, x2, qweight, scales, zeros, group_size, bias, y),
+             x.device, config)
+    return finish(_launch(c, x2, qweight, scales, zeros, group_size, bias, y), x)
+
+
+__all__ = ["candidates", "dequantize", "int4_matmul"]

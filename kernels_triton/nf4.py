@@ -1,0 +1,300 @@
+"""NF4 matmul ``y = x @ W.T (+ bias)`` on bitsandbytes' layout, read directly.
+
+``qweight`` uint8 ``[ceil(N*K/2)]``: the row-major flattened weight, element ``2i`` in the HIGH
+nibble of byte ``i``; one absmax per ``blocksize`` elements of the flattened weight (float32,
+or uint8 with double quantization: ``absmax_code[a] * absmax_scale[blk // 256] + offset``).
+``w = NF4_CODE[q] * absmax``. No repacking; the only derived data is the 16-entry code table
+in the activation dtype, cached per device (64 bytes: one cache line, so the per-nibble
+lookups of a warp hit one L1 line).
+
+Paths (as for int4): ``gemv`` (few rows; one absmax block - at most 128 elements - per step,
+block sums scaled once), ``mm`` (tensor cores, the absmax applied to the fp32 tile per K
+step) when ``K % blocksize == 0``, and ``dense`` (dequantize, then cuBLAS) for large M or
+layouts whose blocks straddle rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (
+    Config,
+    cache_for,
+    cfg,
+    finish,
+    m_bucket,
+    mma_in,
+    pick,
+    rows_2d,
+    split_k_for,
+    splitk_reduce,
+    with_unsplit,
+)
+
+_CACHE = cache_for("nf4_matmul")
+_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0)
+_tables: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 NF4 values in ``dtype`` on ``device`` (cached)."""
+    key = (str(device), dtype)
+    t = _tables.get(key)
+    if t is None:
+        t = _tables[key] = torch.tensor(_NF4, dtype=torch.float32).to(dtype).to(device)
+    return t
+
+
+@triton.jit
+def _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, idx, mask, DQ: tl.constexpr):
+    """Block absmax (float32) at flat block indices ``idx``, decoding double quantization."""
+    if DQ:
+        a = tl.load(am_ptr + idx, mask=mask, other=0).to(tl.int32)
+        c = tl.load(am_code_ptr + a, mask=mask, other=0.0)
+        sc = tl.load(am_scale_ptr + idx // 256, mask=mask, other=0.0)
+        return c * sc + am_offset
+    else:
+        return tl.load(am_ptr + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, BS, k_per_split,
+    stride_xm, stride_xk, stride_ym,
+    DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr,
+):
+    """One row of x against BLOCK_N rows of W; each step GS elements of one absmax block.
+
+    The weight is read as int32 words (bytes 4j..4j+3 = elements 8j..8j+7; element 8j+i in
+    bits 8*(i//2) + 4*(1 - i%2)); each nibble indexes the 16-entry float32 table.
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
+    q_ptrs = qw_ptr + rows64[:, None] * (K // 8) + tl.arange(0, GS // 8)[None, :]
+    x_ptrs = x_ptr + m * stride_xm + tl.arange(0, GS) * stride_xk
+    blocks_per_row = K // BS
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    wd_next = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
+    for k0 in range(k_lo, k_hi, GS):
+        wd = wd_next
+        k_next = tl.minimum(k0 + GS, k_hi - GS)
+        wd_next = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
+        xv = tl.load(x_ptrs + k0 * stride_xk).to(tl.float32)
+        w = _nf4_spread(wd, lut_ptr)
+        qx = tl.sum(w * xv[None, :], axis=1)
+        am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
+        acc += am * qx
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _nf4_spread(w, lut_ptr):
+    """int32 words [R, C] -> [R, 8C] table values, element 8j+i from nibble (8*(i//2) + 4*(1-i%2))."""
+    n0 = tl.load(lut_ptr + ((w >> 4) & 15))
+    n1 = tl.load(lut_ptr + (w & 15))
+    n2 = tl.load(lut_ptr + ((w >> 12) & 15))
+    n3 = tl.load(lut_ptr + ((w >> 8) & 15))
+    n4 = tl.load(lut_ptr + ((w >> 20) & 15))
+    n5 = tl.load(lut_ptr + ((w >> 16) & 15))
+    n6 = tl.load(lut_ptr + ((w >> 28) & 15))
+    n7 = tl.load(lut_ptr + ((w >> 24) & 15))
+    t = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+
+
+@triton.jit
+def _nf4_mm_kernel(
+    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, BS, k_per_split,
+    stride_xm, stride_xk, stride_ym,
+    DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Tensor-core tiles; B = table[nibble] in x's dtype, absmax applied per K step (BLOCK_K <= BS)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
+    q_ptrs = qw_ptr + rows64[:, None] * (K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
+    blocks_per_row = K // BS
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None], other=0.0)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0).to(tl.int32)
+        w = tl.load(lut_ptr + tl.interleave(qb >> 4, qb & 15))  # element 2i: high nibble
+        part = tl.dot(mma_in(xt), mma_in(tl.trans(w)))
+        am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
+        acc += part * am[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        p_ptrs = p_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, w_ptr, NUMEL, BS,
+    DQ: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Flat decode of ``BLOCK`` bytes (2*BLOCK elements) per program: any shape and blocksize."""
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.load(qw_ptr + offs_b, mask=2 * offs_b < NUMEL, other=0).to(tl.int32)
+    e = 2 * offs_b
+    hi = tl.load(lut_ptr + (b >> 4)) * _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, e // BS, e < NUMEL, DQ)
+    lo = tl.load(lut_ptr + (b & 15)) * _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, (e + 1) // BS,
+                                                 e + 1 < NUMEL, DQ)
+    w = tl.interleave(hi, lo)
+    offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=offs < NUMEL)
+
+
+def _dq_args(absmax, absmax_scale, absmax_code):
+    dq = absmax_scale is not None
+    return (absmax, absmax_scale if dq else absmax, absmax_code if dq else absmax), dq
+
+
+def dequantize(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, shape, dtype) -> torch.Tensor:
+    """Dense ``shape`` weight in ``dtype`` (float32 math, then one rounding)."""
+    n, k = shape
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    (am, am_s, am_c), dq = _dq_args(absmax, absmax_scale, absmax_code)
+    block = 512
+    _nf4_dequant_kernel[(triton.cdiv(qweight.numel(), block),)](
+        qweight, am, am_s, am_c, float(absmax_offset), code_table(qweight.device, torch.float32), w, n * k, blocksize,
+        DQ=dq, BLOCK=block, num_warps=4,
+    )
+    return w
+
+
+def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    dense = [cfg("dense")]
+    if k % bs:  # absmax blocks straddle rows: only the flat decode handles that
+        return dense
+    gs = min(bs, 128)
+    gemv = []
+    for bn, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8)):
+        split = split_k_for(triton.cdiv(n, bn) * m, k // gs, device, max_split=32, per_sm=4)
+        gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+    gemv = with_unsplit(gemv)
+    mm = []
+    if dtype in (torch.float16, torch.bfloat16):
+        if m <= 16:
+            shapes = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3))
+        elif m <= 64:
+            shapes = ((32, 64, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3))
+        else:
+            shapes = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
+        for bm, bn, bk, w, st in shapes:
+            bk = min(bk, bs)
+            split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
+            mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                          extra={"SPLIT_K": split}))
+    if m > (16 if dtype == torch.float32 else 8):
+        gemv = []
+    if m <= 4 or not mm:
+        return gemv + mm + (dense if m > 1 else [])
+    if m <= 256:
+        return mm + gemv + dense
+    return dense + mm
+
+
+def _split(split: int, steps: int) -> int:
+    per = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per)
+
+
+def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, bs, n, bias, y):
+    m, k = x2.shape
+    (am, am_s, am_c), dq = _dq_args(absmax, absmax_scale, absmax_code)
+    if c.path == "dense":
+        w = dequantize(qweight, absmax, absmax_scale, absmax_code, offset, bs, (n, k), x2.dtype)
+        return F.linear(x2, w, bias)
+    bvec = bias if bias is not None else am
+    if c.path == "gemv":
+        gs = min(bs, 128)
+        bn = c["BLOCK_N"]
+        split = _split(c.get("SPLIT_K", 1), k // gs)
+        per = triton.cdiv(k // gs, split) * gs
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        _nf4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
+            x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, torch.float32),
+            bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
+            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, **c.launch_opts(),
+        )
+    else:
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        split = _split(c.get("SPLIT_K", 1), k // bk)
+        per = triton.cdiv(k // bk, split) * bk
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        _nf4_mm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+            x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype),
+            bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
+            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **c.launch_opts(),
+        )
+    if split > 1:
+        splitk_reduce(partial, bias, y)
+    return y
+
+
+def nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize: int, out_features: int,
+               bias=None, *, config: Config | str | None = None):
+    """``x @ dequant(W).T (+ bias)`` for CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``)."""
+    x2 = rows_2d(x)
+    m, k = x2.shape
+    n = out_features
+    qweight = qweight.reshape(-1)
+    if qweight.stride(0) != 1:
+        qweight = qweight.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    aligned = qweight.data_ptr() % 4 == 0  # int32 word loads (gemv)
+
+    def cands():
+        cs = candidates(m, n, k, blocksize, x.dtype, x.device)
+        return cs if aligned else [c for c in cs if c.path != "gemv"] or [cfg("dense")]
+
+    key = (m_bucket(m), n, k, blocksize, x.dtype, absmax_scale is not None, bias is not None, aligned, x.device)
+    run = lambda c: _launch(c, x2, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, n, bias, y)
+    c = pick(_CACHE, key, cands, run, x.device, config)
+    return finish(run(c), x)
+
+
+__all__ = ["candidates", "code_table", "dequantize", "nf4_matmul"]

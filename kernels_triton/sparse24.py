@@ -1,0 +1,278 @@
+"""2:4 sparse matmul on lowbit's layout, read directly.
+
+``values [N, K/2]`` (two kept values per group of four columns, ascending index),
+``meta`` uint8 ``[N, K/8]``: group ``2j`` in the low nibble of byte ``j``, group ``2j+1`` in
+the high one, ``nibble = i0 | (i1 << 2)``. So value ``4t + s`` of a row (``s`` = 0..3) sits at
+column ``4 * (2t + s // 2) + ((meta[t] >> 2s) & 3)``.
+
+* ``gemv``: per value, its column index from the meta bits and one gathered x (x is tiny and
+  cached): the weight stream is values + meta, 0.56 of the dense bytes for 16-bit values.
+* ``mm``: the tile is expanded to dense in registers (two compares and selects per dense
+  element) and multiplied on the tensor cores.
+* ``dense``: decompress, then cuBLAS (large M, where the tensor-core work dominates).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (
+    Config,
+    cache_for,
+    cfg,
+    contiguous_rows,
+    finish,
+    m_bucket,
+    mma_in,
+    pick,
+    rows_2d,
+    split_k_for,
+    splitk_reduce,
+    with_unsplit,
+)
+
+_CACHE = cache_for("sparse24_matmul")
+
+
+@triton.jit
+def _value_columns(mb, K_BASE):
+    """meta bytes [R, C] (int32) -> in-tile column of each of the 4C values [R, 4C]."""
+    i0 = mb & 3
+    i1 = (mb >> 2) & 3
+    i2 = (mb >> 4) & 3
+    i3 = (mb >> 6) & 3
+    # value 4t + s: join order gives index 2 * (first join's pick) + second join's pick = s
+    idx = tl.reshape(tl.join(tl.join(i0, i2), tl.join(i1, i3)), [mb.shape[0], mb.shape[1] * 4])
+    j = tl.arange(0, mb.shape[1] * 4)
+    return K_BASE + 4 * (j // 2)[None, :] + idx
+
+
+@triton.jit
+def _s24_gemv_kernel(
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    offs_v = tl.arange(0, BLOCK_K // 2)
+    offs_t = tl.arange(0, BLOCK_K // 8)
+    v_ptrs = v_ptr + rows64[:, None] * stride_vn + offs_v[None, :]
+    m_ptrs = meta_ptr + rows64[:, None] * stride_mn + offs_t[None, :]
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None], other=0.0)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None], other=0).to(tl.int32)
+            cols = _value_columns(mb, k0)
+            xg = tl.load(x_row + cols * stride_xk)
+        else:
+            vm = n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :]
+            vals = tl.load(v_ptrs + k0 // 2, mask=vm, other=0.0)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None] & (k0 + 8 * offs_t < k_hi)[None, :], other=0)
+            cols = _value_columns(mb.to(tl.int32), k0)
+            xg = tl.load(x_row + cols * stride_xk, mask=vm, other=0.0)
+        acc += vals.to(tl.float32) * xg.to(tl.float32)
+    y = tl.sum(acc, axis=1)
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, y, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _s24_mm_kernel(
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_K // 2)
+    offs_t = tl.arange(0, BLOCK_K // 8)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    v_ptrs = v_ptr + rows64[:, None] * stride_vn + offs_v[None, :]
+    m_ptrs = meta_ptr + rows64[:, None] * stride_mn + offs_t[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None], other=0.0)
+            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None], other=0.0)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None], other=0).to(tl.int32)
+        else:
+            xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & (k0 + offs_k < k_hi)[None, :], other=0.0)
+            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :], other=0.0)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None] & (k0 + 8 * offs_t < k_hi)[None, :],
+                         other=0).to(tl.int32)
+        vals = vals.to(xt.dtype)
+        v0, v1 = tl.split(tl.reshape(vals, [BLOCK_N, BLOCK_K // 4, 2]))  # per group: value at i0, at i1
+        nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])  # group 2t low, 2t+1 high
+        i0 = nib & 3
+        i1 = nib >> 2
+        zero = tl.zeros_like(v0)
+        w0 = tl.where(i0 == 0, v0, zero)
+        w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        w3 = tl.where(i1 == 3, v1, zero)
+        # column 4g + p: join picks (a, b) give p = 2a + b
+        dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
+        acc = tl.dot(mma_in(xt), mma_in(tl.trans(dense)), acc)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        p_ptrs = p_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _s24_dense_kernel(v_ptr, meta_ptr, w_ptr, N, K, stride_vn, stride_mn, BLOCK_N: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
+    """Dense ``[N, K]`` from values/meta: BLOCK_G groups of four columns per program and row block."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    rows64 = offs_n.to(tl.int64)
+    mask = (offs_n < N)[:, None] & (offs_g < K // 4)[None, :]
+    v0 = tl.load(v_ptr + rows64[:, None] * stride_vn + 2 * offs_g[None, :], mask=mask, other=0.0)
+    v1 = tl.load(v_ptr + rows64[:, None] * stride_vn + 2 * offs_g[None, :] + 1, mask=mask, other=0.0)
+    mb = tl.load(meta_ptr + rows64[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask, other=0).to(tl.int32)
+    nib = (mb >> (4 * (offs_g % 2))[None, :]) & 15
+    i0 = nib & 3
+    i1 = nib >> 2
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, zero)
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i1 == 3, v1, zero)
+    dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, 4 * BLOCK_G])
+    offs_k = tl.program_id(1) * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)
+    wmask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(w_ptr + rows64[:, None] * K + offs_k[None, :], dense.to(w_ptr.dtype.element_ty), mask=wmask)
+
+
+def decompress(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    values, meta = contiguous_rows(values), contiguous_rows(meta)
+    n, k = values.shape[0], values.shape[1] * 2
+    w = torch.empty((n, k), dtype=dtype, device=values.device)
+    bn, bg = 16, 64
+    _s24_dense_kernel[(triton.cdiv(n, bn), triton.cdiv(k // 4, bg))](
+        values, meta, w, n, k, values.stride(0), meta.stride(0), BLOCK_N=bn, BLOCK_G=bg, num_warps=4,
+    )
+    return w
+
+
+def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    gemv = []
+    for bn, bk, w in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (32, 512, 8), (64, 128, 4)):
+        split = split_k_for(triton.cdiv(n, bn) * m, triton.cdiv(k, bk), device, max_split=32, per_sm=4)
+        gemv.append(cfg("gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+    gemv = with_unsplit(gemv)
+    mm = []
+    if dtype in (torch.float16, torch.bfloat16):
+        if m <= 16:
+            shapes = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3))
+        elif m <= 64:
+            shapes = ((32, 64, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3))
+        else:
+            shapes = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))
+        for bm, bn, bk, w, st in shapes:
+            split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), device)
+            mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                          extra={"SPLIT_K": split}))
+    dense = [cfg("dense")]
+    if m > (16 if dtype == torch.float32 else 8):
+        gemv = []
+    if m <= 4 or not mm:
+        return gemv + mm + (dense if m > 1 or not gemv else [])
+    if m <= 256:
+        return mm + gemv + dense
+    return dense + mm
+
+
+def _split_range(split: int, k: int, bk: int) -> tuple[int, int]:
+    steps = triton.cdiv(k, bk)
+    per = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per), per * bk
+
+
+def _launch(c: Config, x2, values, meta, bias, y):
+    m, k = x2.shape
+    n = values.shape[0]
+    if c.path == "dense":
+        w = decompress(values, meta, x2.dtype)
+        return F.linear(x2, w, bias)
+    bvec = bias if bias is not None else values
+    if c.path == "gemv":
+        bn, bk = c["BLOCK_N"], c["BLOCK_K"]
+        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        _s24_gemv_kernel[(triton.cdiv(n, bn), m, split)](
+            x2, values, meta, bvec, y, partial, m, n, k, per,
+            x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
+            **c.launch_opts(),
+        )
+    else:
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        _s24_mm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+            x2, values, meta, bvec, y, partial, m, n, k, per,
+            x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **c.launch_opts(),
+        )
+    if split > 1:
+        splitk_reduce(partial, bias, y)
+    return y
+
+
+def sparse24_matmul(x, values, meta, bias=None, *, config: Config | str | None = None):
+    """``x @ W.T (+ bias)`` for a 2:4 weight, CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``)."""
+    x2 = rows_2d(x)
+    m, k = x2.shape
+    values, meta = contiguous_rows(values), contiguous_rows(meta)
+    n = values.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    cands = lambda: candidates(m, n, k, x.dtype, x.device)
+    key = (m_bucket(m), n, k, x.dtype, values.dtype, bias is not None, x.device)
+    run = lambda c: _launch(c, x2, values, meta, bias, y)
+    c = pick(_CACHE, key, cands, run, x.device, config)
+    return finish(run(c), x)
+
+
+__all__ = ["candidates", "decompress", "sparse24_matmul"]

@@ -1,0 +1,325 @@
+"""Ternary (BitNet b1.58) matmul on the Hugging Face layout, read directly.
+
+``qweight`` uint8 ``[R = ceil(N/4), K]``: byte ``[r, k]`` holds output rows ``r + i*R`` at bits
+``2i..2i+1`` as ``w + 1``. Activations are quantized per token to int8 exactly as the format
+(and the reference) does; ``y = acc / (x_scale * weight_scale) (+ bias)``, ``acc`` the integer
+sum ``x_q @ w.T``. So one program reading byte rows ``[r0, r0 + BLOCK_R)`` produces the four
+output row ranges ``r0 + i*R`` at once, reading every byte once.
+
+* ``gemv`` (few rows): the row's absmax is computed in the kernel (a first pass over x), then
+  per K step ``x_q`` is formed in registers; each 2-bit field becomes the float ``1 + c/4``
+  with two integer operations (field OR-ed into the mantissa of 1.0), so one FMA per weight
+  accumulates ``sum (1 + c/4) x_q``; ``sum (c - 1) x_q = 4 F - 5 X`` with ``X = sum x_q``,
+  exact in float32 (multiples of 1/4 below 2^22 for any realistic K).
+* ``mm``: ``x_q`` (int8) and ``x_scale`` from a small row-quantization kernel, then int8
+  tensor-core tiles (``tl.dot`` int8 x int8 -> int32, exact), four accumulators per tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    Config,
+    cache_for,
+    cfg,
+    contiguous_rows,
+    finish,
+    m_bucket,
+    pick,
+    rows_2d,
+    split_k_for,
+    splitk_reduce,
+    with_unsplit,
+)
+
+_CACHE = cache_for("ternary_matmul")
+_EPS = 1e-5
+
+
+@triton.jit
+def _quant(x, xs, zero):
+    """``clamp(round(x * x_scale), -128, 127)`` exactly as torch does it in float32.
+
+    The product must be rounded to float32 before the rounding add: OR-ing its bits with
+    ``zero`` (a run-time 0 the compiler cannot see through) stops LLVM and ptxas from fusing
+    the two into an FMA, which would round the exact product instead. NaN maps to 0 as in
+    the format. Then round half to even by the 1.5 * 2^23 trick.
+    """
+    p = ((x * xs).to(tl.int32, bitcast=True) | zero).to(tl.float32, bitcast=True)
+    p = tl.where(p == p, p, 0.0)
+    r = (p + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(r, -128.0), 127.0)
+
+
+@triton.jit
+def _row_scale(x_row, stride_xk, K, BLOCK: tl.constexpr):
+    """``127 / max(max|x|, 1e-5)`` of one row (float32)."""
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    # IEEE division (a plain "/" is the approximate div.full.f32): x_scale as torch computes it
+    d = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    return tl.math.div_rn(d * 0.0 + 127.0, d)
+
+
+@triton.jit
+def _field(w, SHIFT: tl.constexpr, one_bits):
+    """Bits SHIFT..SHIFT+1 of w as the float ``1 + c/4`` (mantissa bits 21..22 of 1.0f)."""
+    if SHIFT <= 21:
+        v = (w << (21 - SHIFT)) & 0x600000
+    else:
+        v = (w >> (SHIFT - 21)) & 0x600000
+    return (v | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _spread4(w, I: tl.constexpr, one_bits):
+    """int32 words [R, C] (bytes k = 4j..4j+3) -> [R, 4C]: field I of each byte, in k order."""
+    v0 = _field(w, 2 * I, one_bits)
+    v1 = _field(w, 8 + 2 * I, one_bits)
+    v2 = _field(w, 16 + 2 * I, one_bits)
+    v3 = _field(w, 24 + 2 * I, one_bits)
+    t = tl.join(tl.join(v0, v2), tl.join(v1, v3))
+    return tl.reshape(t, [w.shape[0], w.shape[1] * 4])
+
+
+@triton.jit
+def _ternary_gemv_kernel(
+    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, R, K, k_per_split, one_bits, zero,
+    stride_xm, stride_xk, stride_qr, stride_ym,
+    PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    x_row = x_ptr + m * stride_xm
+    xs = _row_scale(x_row, stride_xk, K, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    offs_kw = tl.arange(0, BLOCK_K // 4)
+    offs_k = tl.arange(0, BLOCK_K)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
+    q_ptrs = qw_ptr + offs_r.to(tl.int64)[:, None] * stride_qr + offs_kw[None, :]
+    f0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    f1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    f2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    f3 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    xq_sum = tl.zeros([1], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:  # no K tail: unmasked (vectorized) loads
+            wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0)
+            xv = tl.load(x_row + (k0 + offs_k) * stride_xk).to(tl.float32)
+        else:
+            wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
+            xv = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=k0 + offs_k < k_hi, other=0.0).to(tl.float32)
+        xq = _quant(xv, xs, zero)
+        xq_sum += tl.sum(xq[None, :], axis=1)
+        f0 += tl.sum(_spread4(wd, 0, one_bits) * xq[None, :], axis=1)
+        f1 += tl.sum(_spread4(wd, 1, one_bits) * xq[None, :], axis=1)
+        f2 += tl.sum(_spread4(wd, 2, one_bits) * xq[None, :], axis=1)
+        f3 += tl.sum(_spread4(wd, 3, one_bits) * xq[None, :], axis=1)
+    # sum (c - 1) x_q = 4 F - 5 X (exact), then / (x_scale * weight_scale)
+    _ternary_store(4.0 * f0 - 5.0 * xq_sum, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(4.0 * f1 - 5.0 * xq_sum, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(4.0 * f2 - 5.0 * xq_sum, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(4.0 * f3 - 5.0 * xq_sum, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _ternary_store(acc, offs_r, I: tl.constexpr, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                   PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Rows ``offs_r + I*R`` of output row ``m``: scale (and bias, or the split-K partial)."""
+    n = offs_r + I * R
+    mask = (offs_r < R) & (n < N)
+    if PER_ROW:
+        ws = tl.load(ws_ptr + n, mask=mask, other=1.0)
+    else:
+        ws = tl.load(ws_ptr + n * 0, mask=mask, other=1.0)
+    y = acc / (xs * ws)
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + n, y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, xq_ptr, xs_ptr, K, zero, stride_xm, stride_xk, BLOCK: tl.constexpr):
+    """Per-token int8 quantization (the format's ``quantize_activations``) of one row."""
+    m = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + m * stride_xm
+    xs = _row_scale(x_row, stride_xk, K, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = _quant(v, xs, zero)
+        tl.store(xq_ptr + m * K + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+    tl.store(xs_ptr + m, xs)
+
+
+@triton.jit
+def _ternary_mm_kernel(
+    xq_ptr, xs_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, R, K, k_per_split, stride_qr, stride_ym,
+    PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    a_ptrs = xq_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    q_ptrs = qw_ptr + offs_r.to(tl.int64)[:, None] * stride_qr + offs_k[None, :]
+    a0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    a1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    a2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    a3 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kmask = k0 + offs_k < k_hi
+        a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & kmask[None, :], other=0)
+        b = tl.load(q_ptrs + k0, mask=r_mask[:, None] & kmask[None, :], other=0x55).to(tl.int32)  # 0x55: all w=0
+        a0 = tl.dot(a, tl.trans(((b & 3) - 1).to(tl.int8)), a0, out_dtype=tl.int32)
+        a1 = tl.dot(a, tl.trans((((b >> 2) & 3) - 1).to(tl.int8)), a1, out_dtype=tl.int32)
+        a2 = tl.dot(a, tl.trans((((b >> 4) & 3) - 1).to(tl.int8)), a2, out_dtype=tl.int32)
+        a3 = tl.dot(a, tl.trans(((b >> 6) - 1).to(tl.int8)), a3, out_dtype=tl.int32)
+    xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=1.0)
+    _ternary_store_tile(a0, offs_m, offs_r, 0, R, N, M, pid_k, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                        PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store_tile(a1, offs_m, offs_r, 1, R, N, M, pid_k, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                        PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store_tile(a2, offs_m, offs_r, 2, R, N, M, pid_k, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                        PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store_tile(a3, offs_m, offs_r, 3, R, N, M, pid_k, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                        PER_ROW, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _ternary_store_tile(acc, offs_m, offs_r, I: tl.constexpr, R, N, M, pid_k, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                        stride_ym, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    n = offs_r + I * R
+    n_mask = (offs_r < R) & (n < N)
+    if PER_ROW:
+        ws = tl.load(ws_ptr + n, mask=n_mask, other=1.0)
+    else:
+        ws = tl.load(ws_ptr + n * 0, mask=n_mask, other=1.0)
+    y = acc.to(tl.float32) / (xs[:, None] * ws[None, :])
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + offs_m.to(tl.int64)[:, None]) * N + n[None, :], y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_q`` int8 ``[M, K]`` and ``x_scale`` float32 ``[M]`` (the format's rule, on the GPU)."""
+    m, k = x2.shape
+    xq = torch.empty((m, k), dtype=torch.int8, device=x2.device)
+    xs = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    _quant_rows_kernel[(m,)](x2, xq, xs, k, 0, x2.stride(0), x2.stride(1), BLOCK=1024, num_warps=4)
+    return xq, xs
+
+
+def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
+    r = triton.cdiv(n, 4)
+    gemv = []
+    if k % 4 == 0:
+        for br, bk, w in ((16, 512, 4), (8, 1024, 4), (32, 512, 8), (16, 1024, 8), (4, 1024, 2)):
+            split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=32, per_sm=4)
+            gemv.append(cfg("gemv", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=2, extra={"SPLIT_K": split}))
+        gemv = with_unsplit(gemv)
+    mm = []
+    if m > 1 or not gemv:
+        if m <= 16:
+            shapes = ((16, 32, 128, 4, 3), (16, 64, 64, 4, 3), (16, 16, 128, 4, 4))
+        elif m <= 64:
+            shapes = ((32, 32, 128, 4, 3), (64, 32, 64, 4, 3), (64, 64, 64, 4, 3))
+        else:
+            shapes = ((128, 32, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3))
+        for bm, br, bk, w, st in shapes:
+            split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(r, br), triton.cdiv(k, bk), device)
+            mm.append(cfg("mm", BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=st,
+                          extra={"SPLIT_K": split}))
+    if m > 8:
+        gemv = []
+    return gemv + mm if m <= 4 else mm + gemv
+
+
+def _split_range(split: int, k: int, bk: int) -> tuple[int, int]:
+    steps = triton.cdiv(k, bk)
+    per = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per), per * bk
+
+
+def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
+    m, k = x2.shape
+    r = qweight.shape[0]
+    per_row = weight_scale.shape[0] == n and n > 1
+    bvec = bias if bias is not None else weight_scale
+    if c.path == "gemv":
+        br, bk = c["BLOCK_R"], c["BLOCK_K"]
+        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        _ternary_gemv_kernel[(triton.cdiv(r, br), m, split)](
+            x2, qweight, weight_scale, bvec, y, partial,
+            m, n, r, k, per, 0x3F800000, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
+            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            BLOCK_R=br, BLOCK_K=bk, **c.launch_opts(),
+        )
+    else:
+        bm, br, bk = c["BLOCK_M"], c["BLOCK_R"], c["BLOCK_K"]
+        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        xq, xs = quantize_activations(x2)
+        _ternary_mm_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br), split)](
+            xq, xs, qweight, weight_scale, bvec, y, partial, m, n, r, k, per, qweight.stride(0), y.stride(0),
+            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+            **c.launch_opts(),
+        )
+    if split > 1:
+        splitk_reduce(partial, bias, y)
+    return y
+
+
+def ternary_matmul(x, qweight, weight_scale, out_features: int, bias=None, *, config: Config | str | None = None):
+    """BitNet b1.58 matmul for CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``)."""
+    x2 = rows_2d(x)
+    m, k = x2.shape
+    n = out_features
+    qweight = contiguous_rows(qweight)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    aligned = qweight.data_ptr() % 4 == 0 and qweight.stride(0) % 4 == 0  # int32 word loads (gemv)
+
+    def cands():
+        cs = candidates(m, n, k, x.device)
+        return cs if aligned else [c for c in cs if c.path != "gemv"] or candidates(2, n, k, x.device)
+
+    key = (m_bucket(m), n, k, x.dtype, weight_scale.shape[0] > 1, bias is not None, aligned, x.device)
+    run = lambda c: _launch(c, x2, qweight, weight_scale, n, bias, y)
+    c = pick(_CACHE, key, cands, run, x.device, config)
+    return finish(run(c), x)
+
+
+__all__ = ["candidates", "quantize_activations", "ternary_matmul"]

@@ -1,0 +1,371 @@
+"""Triton kernels (lowbit.kernels_triton, lowbit.backends.triton) against the reference.
+
+Every kernel path of every op, over dtypes and shapes, is compared with the pure-PyTorch
+reference (relative Frobenius error, ``RTOL`` per dtype).
+
+* CPU: Triton's interpreter. Triton reads ``TRITON_INTERPRET`` when kernels are defined, so
+  :func:`test_kernels_interpreted_on_cpu` re-runs this file in a subprocess with
+  ``TRITON_INTERPRET=1``; there the ``cpu`` cases below run (small sizes, < 1 min on 2 cores).
+* GPU: the same cases run compiled, on ``cuda`` (``pytest -m cuda tests/test_triton.py``),
+  at larger sizes, plus ``torch.compile(fullgraph=True)``, CUDA-graph capture and the
+  per-shape configuration cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _cases import int4_args, kv_args, nf4_args, sparse24_args, ternary_args, to_device
+from conftest import RTOL, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lowbit.backends import reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# Where the parametrized cases run in this process: the interpreter's CPU, or a real GPU.
+if INTERPRETED:
+    DEVICES = ["cpu"]
+else:
+    DEVICES = [pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _kernels(name: str):
+    import importlib
+
+    return importlib.import_module(f"lowbit.kernels_triton.{name}")
+
+
+def _check(out, ref, dtype, what=""):
+    assert out.dtype == ref.dtype and out.shape == ref.shape, what
+    assert torch.isfinite(out).all(), what
+    err = rel_err(out, ref)
+    assert err < RTOL[dtype], f"{what}: rel err {err:.3g} >= {RTOL[dtype]}"
+
+
+def _paths(cands) -> list[str]:
+    return sorted({c.path for c in cands})
+
+
+def _scale(device: str, small: tuple, large: tuple) -> tuple:
+    return small if device == "cpu" else large
+
+
+# ---- the interpreter run (a subprocess of the default CPU test run) ------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run itself")
+def test_kernels_interpreted_on_cpu():
+    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_TRITON_AUTOTUNE="0")
+    env.pop("LOWBIT_BACKEND", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not cuda",
+           "--rootdir", str(Path(__file__).parent.parent), str(Path(__file__))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreted Triton tests failed:\n{tail}"
+    assert " passed" in proc.stdout, tail
+
+
+# ---- matmul ops: every path, dtypes, shapes --------------------------------------------------
+
+INT4_SHAPES = [  # (M, K, N, group_size, symmetric)
+    (1, 256, 40, 32, False), (3, 384, 24, 128, True), (5, 128, 33, 64, False), (2, 96, 16, 96, False),
+    (17, 256, 20, 128, False),
+]
+INT4_SHAPES_GPU = [(1, 4096, 1000, 128, False), (3, 2048, 520, 64, True), (16, 1024, 777, 128, False),
+                   (65, 512, 256, 32, False), (300, 1024, 384, 128, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_paths(device, dtype):
+    kern = _kernels("int4")
+    for m, k, n, g, sym in _scale(device, INT4_SHAPES, INT4_SHAPES_GPU):
+        args = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=sym), device)
+        ref = reference.int4_matmul(*args)
+        for path in _paths(kern.candidates(m, n, k, g, dtype, torch.device(device))):
+            _check(kern.int4_matmul(*args, config=path), ref, dtype, f"int4 {path} {(m, k, n, g, sym)}")
+
+
+NF4_SHAPES = [  # (M, K, N, blocksize, double_quant)
+    (1, 256, 40, 64, False), (3, 384, 24, 128, True), (5, 128, 33, 32, False), (2, 100, 7, 64, True),
+    (17, 256, 20, 256, True),
+]
+NF4_SHAPES_GPU = [(1, 4096, 1000, 64, False), (3, 2048, 520, 64, True), (16, 1024, 777, 128, False),
+                  (2, 1000, 70, 64, True), (300, 1024, 384, 64, False)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nf4_paths(device, dtype):
+    kern = _kernels("nf4")
+    for m, k, n, bs, dq in _scale(device, NF4_SHAPES, NF4_SHAPES_GPU):
+        args = to_device(nf4_args(m, k, n, dtype, blocksize=bs, double_quant=dq), device)
+        ref = reference.nf4_matmul(*args)
+        for path in _paths(kern.candidates(m, n, k, bs, dtype, torch.device(device))):
+            _check(kern.nf4_matmul(*args, config=path), ref, dtype, f"nf4 {path} {(m, k, n, bs, dq)}")
+
+
+TERNARY_SHAPES = [(1, 256, 40, False), (3, 384, 26, True), (5, 132, 33, False), (2, 100, 7, True),
+                  (17, 256, 64, False)]
+TERNARY_SHAPES_GPU = [(1, 4096, 1000, False), (3, 2048, 522, True), (16, 1024, 777, False), (2, 1000, 70, True),
+                      (300, 1024, 384, False)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ternary_paths(device, dtype):
+    kern = _kernels("ternary")
+    for m, k, n, per_row in _scale(device, TERNARY_SHAPES, TERNARY_SHAPES_GPU):
+        args = to_device(ternary_args(m, k, n, dtype, per_row=per_row), device)
+        ref = reference.ternary_matmul(*args)
+        for path in _paths(kern.candidates(m, n, k, torch.device(device))):
+            _check(kern.ternary_matmul(*args, config=path), ref, dtype, f"ternary {path} {(m, k, n, per_row)}")
+
+
+SPARSE_SHAPES = [(1, 256, 40), (3, 384, 26), (5, 136, 33), (17, 256, 64)]
+SPARSE_SHAPES_GPU = [(1, 4096, 1000), (3, 2056, 522), (16, 1024, 777), (300, 1024, 384)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse24_paths(device, dtype):
+    kern = _kernels("sparse24")
+    for m, k, n in _scale(device, SPARSE_SHAPES, SPARSE_SHAPES_GPU):
+        args = to_device(sparse24_args(m, k, n, dtype), device)
+        ref = reference.sparse24_matmul(*args)
+        for path in _paths(kern.candidates(m, n, k, dtype, torch.device(device))):
+            _check(kern.sparse24_matmul(*args, config=path), ref, dtype, f"sparse24 {path} {(m, k, n)}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse24_float32_values_with_16bit_activations(device):
+    kern = _kernels("sparse24")
+    x, values, meta, b = to_device(sparse24_args(4, 128, 24, torch.float32), device)
+    x, b = x.half(), b.half()
+    ref = reference.sparse24_matmul(x, values, meta, b)
+    for path in _paths(kern.candidates(4, 24, 128, x.dtype, torch.device(device))):
+        _check(kern.sparse24_matmul(x, values, meta, b, config=path), ref, x.dtype, path)
+
+
+# ---- KV attention ------------------------------------------------------------------------------
+
+KV_SHAPES = [  # (B, H_q, H_kv, S_q, S_kv, D, bits, causal)
+    (2, 4, 2, 1, 100, 64, 8, False), (1, 8, 2, 1, 300, 128, 4, True), (1, 2, 1, 5, 70, 32, 8, True),
+    (2, 3, 3, 7, 40, 64, 4, True), (1, 4, 1, 33, 33, 40, 8, True), (1, 2, 2, 3, 20, 96, 4, False),
+]
+KV_SHAPES_GPU = [(3, 32, 8, 1, 4100, 128, 8, False), (2, 32, 8, 1, 3000, 128, 4, True),
+                 (1, 8, 2, 130, 700, 128, 8, True), (2, 4, 4, 64, 64, 64, 4, True), (1, 6, 2, 9, 333, 80, 8, False)]
+
+
+def _kv_configs(kern, shape, device):
+    b, h_q, h_kv, s_q, s_kv, d, _bits, _causal = shape
+    from lowbit.kernels_triton._common import cfg
+
+    rows = (h_q // h_kv) * s_q
+    bm = 16 if rows <= 16 else 32
+    forced = [cfg("flash", BLOCK_M=bm, BLOCK_S=32), cfg("split", BLOCK_M=bm, BLOCK_S=16,
+                                                        extra={"BLOCKS_PER_SPLIT": 2})]
+    if device == "cpu":
+        return forced
+    return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_attention_configs(device, dtype):
+    kern = _kernels("kv_attention")
+    for shape in _scale(device, KV_SHAPES, KV_SHAPES_GPU):
+        b, h_q, h_kv, s_q, s_kv, d, bits, causal = shape
+        args = to_device(kv_args(b, h_q, h_kv, s_q, s_kv, d, dtype, bits=bits, causal=causal), device)
+        ref = reference.kv_attention(*args)
+        for c in _kv_configs(kern, shape, device):
+            _check(kern.kv_attention(*args, config=c), ref, dtype, f"kv {c} {shape}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_attention_explicit_scale_and_strided_query(device):
+    kern = _kernels("kv_attention")
+    q, kq, ks, kz, vq, vs, vz, _, _ = to_device(kv_args(1, 4, 2, 3, 50, 64, torch.float16, bits=4), device)
+    q = torch.randn(1, 3, 4, 64, device=device).half().transpose(1, 2)  # [1, 4, 3, 64], not contiguous
+    args = (q, kq, ks, kz, vq, vs, vz, True, 0.2)
+    _check(kern.kv_attention(*args), reference.kv_attention(*args), torch.float16)
+
+
+# ---- random shapes (hypothesis), through the op layer and the dispatcher -----------------------
+
+
+def _through_ops(device, monkeypatch):
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    import lowbit  # noqa: F401
+
+    return torch.ops.lowbit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), kb=st.integers(1, 6), g=st.sampled_from([32, 64, 128]),
+       sym=st.booleans(), bias=st.booleans(), dtype=st.sampled_from(DTYPES), strided=st.booleans())
+def test_int4_random_through_ops(device, m, n, kb, g, sym, bias, dtype, strided):
+    k = g * kb
+    x, qw, s, z, gs, b = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=sym, bias=bias), device)
+    if strided:  # non-contiguous activations: every other column of a wider matrix
+        x = torch.stack([x, torch.zeros_like(x)], dim=-1).reshape(m, 2 * k)[:, ::2]
+    with pytest.MonkeyPatch.context() as mp:
+        ops = _through_ops(device, mp)
+        out = ops.int4_matmul.default(x, qw, s, z, gs, b)
+    _check(out, reference.int4_matmul(x, qw, s, z, gs, b), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), k8=st.integers(1, 40), bs=st.sampled_from([32, 64, 128]),
+       dq=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_nf4_random_through_ops(device, m, n, k8, bs, dq, dtype):
+    args = to_device(nf4_args(m, 8 * k8, n, dtype, blocksize=bs, double_quant=dq), device)
+    with pytest.MonkeyPatch.context() as mp:
+        out = _through_ops(device, mp).nf4_matmul.default(*args)
+    _check(out, reference.nf4_matmul(*args), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), k=st.integers(1, 300), per_row=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
+def test_ternary_random_through_ops(device, m, n, k, per_row, dtype):
+    args = to_device(ternary_args(m, k, n, dtype, per_row=per_row), device)
+    with pytest.MonkeyPatch.context() as mp:
+        out = _through_ops(device, mp).ternary_matmul.default(*args)
+    _check(out, reference.ternary_matmul(*args), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), k8=st.integers(1, 40), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
+def test_sparse24_random_through_ops(device, m, n, k8, bias, dtype):
+    args = to_device(sparse24_args(m, 8 * k8, n, dtype, bias=bias), device)
+    with pytest.MonkeyPatch.context() as mp:
+        out = _through_ops(device, mp).sparse24_matmul.default(*args)
+    _check(out, reference.sparse24_matmul(*args), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=8, deadline=None)
+@given(b=st.integers(1, 2), h_kv=st.integers(1, 3), groups=st.integers(1, 4), s_q=st.integers(1, 9),
+       extra=st.integers(0, 70), d32=st.integers(1, 4), bits=st.sampled_from([4, 8]), causal=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
+def test_kv_attention_random_through_ops(device, b, h_kv, groups, s_q, extra, d32, bits, causal, dtype):
+    args = to_device(kv_args(b, h_kv * groups, h_kv, s_q, s_q + extra, 32 * d32, dtype, bits=bits,
+                             causal=causal), device)
+    with pytest.MonkeyPatch.context() as mp:
+        out = _through_ops(device, mp).kv_attention.default(*args)
+    _check(out, reference.kv_attention(*args), dtype)
+
+
+# ---- dispatch rules ----------------------------------------------------------------------------
+
+
+def test_cpu_tensors_go_to_triton_only_when_interpreted_and_forced(monkeypatch):
+    from lowbit.backends import triton as tb
+
+    monkeypatch.delenv("LOWBIT_BACKEND", raising=False)
+    assert not tb.available("cpu")
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    assert tb.available("cpu") == INTERPRETED
+    assert tb.available("cuda") == (HAS_CUDA and not INTERPRETED)
+
+
+# ---- GPU only: torch.compile, CUDA graphs, the configuration cache -----------------------------
+
+_GPU_CALLS = {
+    "int4_matmul": lambda: int4_args(4, 512, 96, torch.float16, group_size=128),
+    "nf4_matmul": lambda: nf4_args(4, 512, 96, torch.float16, double_quant=True),
+    "ternary_matmul": lambda: ternary_args(4, 512, 98, torch.float16),
+    "sparse24_matmul": lambda: sparse24_args(4, 512, 96, torch.float16),
+    "kv_attention": lambda: kv_args(2, 8, 2, 1, 700, 128, torch.float16, bits=4),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED or not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("name", list(_GPU_CALLS))
+def test_torch_compile_fullgraph(name, monkeypatch):
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    args = to_device(_GPU_CALLS[name](), "cuda")
+    op = getattr(torch.ops.lowbit, name).default
+
+    def f(*a):
+        return op(*a) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*args)
+    _check(out, reference.KERNELS[name](*args) * 2.0, torch.float16, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED or not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("name", list(_GPU_CALLS))
+@pytest.mark.parametrize("warm", [True, False])
+def test_cuda_graph_capture(name, warm, monkeypatch):
+    """Captured calls replay correctly on new inputs, whether or not the shape was tuned first."""
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    from lowbit.kernels_triton import CACHES
+
+    for c in CACHES.values():
+        c.clear()
+    args = list(to_device(_GPU_CALLS[name](), "cuda"))
+    op = getattr(torch.ops.lowbit, name).default
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        if warm:  # the usual warm-up: tunes and compiles outside the capture
+            op(*args)
+        else:  # at least compile: a graph cannot capture a first-time module load everywhere
+            import lowbit.kernels_triton._common as common
+
+            monkeypatch.setenv(common.AUTOTUNE_ENV, "0")
+            op(*args)
+            for c in CACHES.values():
+                c.clear()
+            monkeypatch.delenv(common.AUTOTUNE_ENV)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(*args)
+    args[0].copy_(torch.randn_like(args[0]))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, reference.KERNELS[name](*args), torch.float16, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED or not HAS_CUDA, reason="needs a GPU")
+def test_config_cache_tunes_once_per_shape(monkeypatch):
+    monkeypatch.delenv("LOWBIT_TRITON_AUTOTUNE", raising=False)
+    kern = _kernels("int4")
+    from lowbit.kernels_triton import CACHES
+
+    cache = CACHES["int4_matmul"]
+    cache.clear()
+    args = to_device(int4_args(1, 1024, 512, torch.float16, group_size=128), "cuda")
+    out = kern.int4_matmul(*args)
+    assert len(cache.chosen()) == 1
+    (key, timings), = cache.timings.items()
+    assert len(timings) >= 2 and all(t > 0 for _, t in timings)
+    chosen = cache.chosen()[key]
+    out2 = kern.int4_matmul(*args)  # a cache hit: no new timings
+    assert cache.chosen()[key] is chosen and len(cache.timings) == 1
+    torch.testing.assert_close(out, out2)
+    _check(out, reference.int4_matmul(*args), torch.float16)
