@@ -6,8 +6,8 @@
 //     in the same tile and each cache byte is read once per tile), and one slice of the
 //     context (split-K: only when B * H_kv * tiles is too small to keep the threads busy).
 //   * The slice is walked in blocks of kBlockT tokens. For each block every row of the tile
-//     takes its scores (register tiles of 4 rows x 4 tokens, x 2 on AVX2: each cache vector is decoded in
-//     registers once and used by 4 rows; the 16 dot products are reduced together), updates
+//     takes its scores (register tiles of 4 rows x 4 tokens, x 2 on AVX2: each cache vector is
+//     decoded in registers once and used by 4 rows; the dot products are reduced together), updates
 //     its running max / sum (online softmax, rescaling its accumulator by exp(m_old - m_new)),
 //     and accumulates p @ V (register tiles of 4 rows x 4 vectors, x 2 on AVX2; V decoded in
 //     registers).
@@ -668,7 +668,9 @@ void block(const KvAttentionArgs& a, const Plan& p, const TaskInfo& ti, int64_t 
   for (int64_t r = 0; r < nr; r += kQkRows) {
     const int64_t rr = std::min<int64_t>(kQkRows, nr - r);
     int64_t t = 0;
-    for (; t + kQkToks <= nt; t += kQkToks) qk_rows<kQkToks>(rr, k, t, q + r * Dp, Dp, p.Dw, s + r * kBlockT + t, kBlockT);
+    for (; t + kQkToks <= nt; t += kQkToks) {
+      qk_rows<kQkToks>(rr, k, t, q + r * Dp, Dp, p.Dw, s + r * kBlockT + t, kBlockT);
+    }
     for (; t < nt; ++t) qk_rows<1>(rr, k, t, q + r * Dp, Dp, p.Dw, s + r * kBlockT + t, kBlockT);
   }
   softmax_block(a, p, ti, t0, nt, kmul, vmul_, s, m, m + p.RT, m + 2 * p.RT);
