@@ -17,6 +17,7 @@
 #include "common/dtype.h"
 #include "common/int4_matmul.h"
 #include "common/kv_attention.h"
+#include "common/ternary_matmul.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/isa.h"
 #include "lowbit_build_config.h"
@@ -110,6 +111,29 @@ void kv_attention_cpu(uintptr_t q_ptr, int q_dtype, const Strides3& q_strides, u
   LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "kv_attention_cpu: num_threads=", num_threads,
                " must be in [1, 4096]");
   cpu::kv_attention(a, static_cast<int>(num_threads));
+}
+
+void ternary_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
+                        uintptr_t weight_scale_ptr, int64_t weight_scale_numel, uintptr_t bias_ptr, int bias_dtype,
+                        uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N, int64_t K, int64_t num_threads) {
+  TernaryMatmulArgs a;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_dtype = x_dtype;
+  a.x_row_stride = x_row_stride;
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
+  a.weight_scale = reinterpret_cast<const float*>(weight_scale_ptr);
+  a.weight_scale_numel = weight_scale_numel;
+  a.bias = reinterpret_cast<const void*>(bias_ptr);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_dtype = out_dtype;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  check_ternary_matmul_args("ternary_matmul_cpu", a);
+  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "ternary_matmul_cpu: num_threads=", num_threads,
+               " must be in [1, 4096]");
+  cpu::ternary_matmul(a, static_cast<int>(num_threads));
 }
 
 #if defined(LOWBIT_WITH_CUDA)
@@ -208,6 +232,12 @@ PYBIND11_MODULE(_C, m) {
         "the CPU, fp32 accumulation. Every operand is a [B, H, S, width] view with unit inner stride and\n"
         "(batch, head, token) strides in elements; zeros are 0 (and ignored) for bits=8; out is contiguous.\n"
         "causal masks bottom-right aligned (query i sees keys j <= i + S_kv - S_q).");
+  m.def("ternary_matmul_cpu", &lowbit::ternary_matmul_cpu, py::call_guard<py::gil_scoped_release>(), "x_ptr"_a,
+        "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "weight_scale_ptr"_a, "weight_scale_numel"_a,
+        "bias_ptr"_a, "bias_dtype"_a, "out_ptr"_a, "out_dtype"_a, "M"_a, "N"_a, "K"_a, "num_threads"_a,
+        "out[M, N] = (x_q @ w_t^T) / (x_scale * weight_scale) (+ bias) on the CPU (BitNet b1.58): x\n"
+        "quantized per row to int8 by absmax, qweight [ceil(N/4), K] in the Hugging Face 2-bit packing,\n"
+        "weight_scale float32 [1] or [N], bias [N] (0 = absent), out [M, N] contiguous; integer products.");
 #if defined(LOWBIT_WITH_CUDA)
   m.def("int4_matmul_cuda", &lowbit::int4_matmul_cuda, py::call_guard<py::gil_scoped_release>(),
         "x_ptr"_a, "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "scales_ptr"_a, "scales_dtype"_a,

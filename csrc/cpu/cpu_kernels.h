@@ -7,6 +7,7 @@
 
 #include "../common/int4_matmul.h"
 #include "../common/kv_attention.h"
+#include "../common/ternary_matmul.h"
 
 namespace lowbit {
 namespace cpu {
@@ -19,6 +20,10 @@ void int4_matmul(const Int4MatmulArgs& args, int num_threads);
 // Attention over a quantized KV cache; see common/kv_attention.h for the layout. The arguments
 // must have passed check_kv_attention_args. Uses up to num_threads (>= 1) threads.
 void kv_attention(const KvAttentionArgs& args, int num_threads);
+
+// y = (x_q @ w_t^T) / (x_scale * weight_scale) (+ bias), BitNet b1.58; see
+// common/ternary_matmul.h. The arguments must have passed check_ternary_matmul_args.
+void ternary_matmul(const TernaryMatmulArgs& args, int num_threads);
 
 // Instruction-set features of the running CPU, detected at run time. Every key is present
 // on every platform (false where it does not apply), in a fixed order.

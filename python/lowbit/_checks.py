@@ -79,3 +79,12 @@ def check_not_empty(t: torch.Tensor, name: str, fn: str = "") -> None:
     """Raise ``ValueError`` if ``t`` has no elements (a weight must have some)."""
     if t.numel() == 0:
         raise ValueError(f"{_prefix(fn)}{name} is empty (shape {tuple(t.shape)})")
+
+
+def check_linear_input(x: object, in_features: int, fn: str) -> None:
+    """``x`` is a tensor whose last dimension is ``in_features`` (the input of a linear layer)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        got = "a scalar" if x.dim() == 0 else f"x.shape[-1]={x.shape[-1]}"
+        raise ValueError(f"{fn}: input has {got} but in_features={in_features}")

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .native_args import int4_supported, prepare_int4
-from .native_args import kv_attention_supported, prepare_kv_attention
+from .native_args import (
+    int4_supported,
+    kv_attention_supported,
+    prepare_int4,
+    prepare_kv_attention,
+    prepare_ternary,
+    ternary_supported,
+)
 
 if not _native.has("int4_matmul_cpu"):
     raise ImportError(f"lowbit.backends.cpu: the native module is not available ({_native.load_error()})")
@@ -60,4 +66,24 @@ def kv_attention(
     )
     if not call.empty:
         _native.C.kv_attention_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
+    return call.result()
+
+
+def supports_ternary_matmul(x, qweight, weight_scale, out_features, bias=None) -> bool:
+    """True if the native CPU kernel takes this call (CPU tensors, float16/bfloat16/float32 x)."""
+    return _native.has("ternary_matmul_cpu") and ternary_supported("cpu", x, qweight, weight_scale, bias)
+
+
+def ternary_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BitNet b1.58 ``x_q @ w_t^T / (x_scale * weight_scale) (+ bias)`` with the C++ kernel
+    (activation quantization fused), on torch's intra-op thread count."""
+    call = prepare_ternary(x, qweight, weight_scale, out_features, bias, fn="lowbit.backends.cpu.ternary_matmul")
+    if not call.empty:
+        _native.C.ternary_matmul_cpu(*call.args(), max(1, torch.get_num_threads()))
     return call.result()

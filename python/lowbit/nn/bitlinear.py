@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, check_positive_int
+from .._checks import FLOAT_DTYPES, check_linear_input, check_positive_int
 from ..formats import ternary as _ternary
 from .linear import Linear
 
@@ -85,11 +85,7 @@ class BitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{_FN}: input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            got = "a scalar" if x.dim() == 0 else f"x.shape[-1]={x.shape[-1]}"
-            raise ValueError(f"{_FN}: input has {got} but in_features={self.in_features}")
+        check_linear_input(x, self.in_features, _FN)
         x32 = x.float()
         x_q, x_scale = _ternary.quantize_activations(x)
         x_ste = x32 + (x_q.float() / x_scale - x32).detach()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, check_positive_int, check_same_device
+from .._checks import FLOAT_DTYPES, check_linear_input, check_positive_int, check_same_device
 from ._layouts import Layout, get_layout, layout_of_weight
 
 _FN = "lowbit.Linear"
@@ -150,11 +150,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` (float16/bfloat16/float32) -> ``[..., out_features]`` in ``x.dtype``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{_FN}: input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            got = "a scalar" if x.dim() == 0 else f"x.shape[-1]={x.shape[-1]}"
-            raise ValueError(f"{_FN}: input has {got} but in_features={self.in_features}")
+        check_linear_input(x, self.in_features, _FN)
         return self._layout.matmul(self, x, self.bias)
 
     def quantized_weight(self) -> Any:
