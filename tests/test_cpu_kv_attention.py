@@ -117,6 +117,12 @@ def test_int8_head_dims_not_a_multiple_of_the_vector(isa, d):
     check(make_args(1, 2, 1, 1, 70, d))
 
 
+@pytest.mark.parametrize("d", [256, 512])
+def test_large_head_dims(isa, d):
+    check(make_args(1, 4, 2, 2, 40, d, bits=4, causal=True))
+    check(make_args(1, 4, 2, 2, 40, d + 8, bits=8, causal=True))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_more_queries_than_keys_without_causal_mask(isa, bits):
     check(make_args(1, 4, 2, 9, 4, 32, bits=bits, causal=False))
