@@ -6,6 +6,7 @@ one per rotated copy of the weights, plus the bytes the lowbit op must read (the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ def _nbytes(*ts: torch.Tensor | None) -> int:
 def _dense_baselines(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, dtypes) -> None:
     """``F.linear`` on the dense weight in each baseline dtype, rotated like the op's weights."""
     for dt in dtypes:
-        wd = w.to(dt)
+        wd = w.to(device=device, dtype=dt)
         reps = copies_for_rotation(_nbytes(wd), device)
         ws = [wd] + [wd.clone() for _ in range(reps - 1)]
         xd = x.to(dt)
@@ -51,12 +52,9 @@ def _baseline_dtypes(device: str) -> tuple[torch.dtype, ...]:
 
 def matmul_case(fmt: str, n: int, k: int, m: int, device: str, act_dtype: torch.dtype, **opts) -> Case:
     """lowbit's ``<fmt>_matmul`` on a random ``[n, k]`` weight against dense ``F.linear``."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g) * 0.02
-    x = torch.randn(m, k, generator=g).to(act_dtype).to(device)
-    if fmt == "sparse24":
-        w = sparse24.prune(w)  # the baselines multiply by the same pruned weight
-    packed = _quantize(fmt, w, act_dtype, **opts)
+    w, packed = _weights(fmt, n, k, device, act_dtype, tuple(sorted(opts.items())))
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(m, k, generator=g, device=device).to(act_dtype)
     tensors = [t.to(device) if t is not None else None for t in packed.tensors().values()]
     nbytes = _nbytes(*tensors)
     copies = [tensors] + [[t.clone() if t is not None else None for t in tensors]
@@ -66,7 +64,20 @@ def matmul_case(fmt: str, n: int, k: int, m: int, device: str, act_dtype: torch.
     _dense_baselines(case, w, x, device, _baseline_dtypes(device))
     if fmt == "int4":
         _int4pack_peer(case, w, x, device, opts.get("group_size", 128))
+    if fmt == "nf4":
+        _bnb_peer(case, w, x, device, opts.get("blocksize", 64))
     return case
+
+
+@functools.lru_cache(maxsize=1)
+def _weights(fmt: str, n: int, k: int, device: str, act_dtype: torch.dtype, opts: tuple) -> tuple:
+    """The random weight (made and quantized on ``device``: fast for large shapes) and its
+    packed form, kept for the next batch size of the same shape."""
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(n, k, generator=g, device=device) * 0.02
+    if fmt == "sparse24":
+        w = sparse24.prune(w)  # the baselines multiply by the same pruned weight
+    return w, _quantize(fmt, w, act_dtype, **dict(opts))
 
 
 def _quantize(fmt: str, w: torch.Tensor, act_dtype: torch.dtype, **opts):
@@ -114,6 +125,22 @@ def _int4pack_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, gr
         case.contenders["torch int4pack bf16"] = [lambda p=p: fn(xb, p, group_size, sz) for p in ps]
     except (RuntimeError, AttributeError, ImportError, NotImplementedError):
         pass  # this torch build has no int4pack kernel for the device: nothing to compare
+
+
+def _bnb_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, blocksize: int) -> None:
+    """bitsandbytes' NF4 ``matmul_4bit`` (its GEMV kernel at M=1), where it is installed."""
+    if device != "cuda":
+        return
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        wq, state = bnbf.quantize_4bit(w.to(x.dtype), blocksize=blocksize, quant_type="nf4")
+        fn = bnb.matmul_4bit
+        fn(x, wq.t(), quant_state=state)
+    except Exception:  # noqa: BLE001 - not installed, or no kernel for this GPU: nothing to compare
+        return
+    case.contenders["bnb matmul_4bit"] = [lambda: fn(x, wq.t(), quant_state=state)]
 
 
 def kv_case(bits: int, b: int, h_q: int, h_kv: int, ctx: int, d: int, device: str, dtype: torch.dtype) -> Case:
