@@ -212,8 +212,9 @@ def _int4_case(m, n, k, g, asym, dtype, bias=True, seed=0):
     from lowbit.backends import cuda as be
 
     qweight, scales, zeros = make_int4(n, k, g, asym, scale_dtype=dtype, seed=seed, device="cuda")
-    x = torch.randn(m, k, dtype=dtype, device="cuda")
-    b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)
+    b = torch.randn(n, dtype=dtype, device="cuda", generator=gen) if bias else None
     y = be.int4_matmul(x, qweight, scales, zeros, g, b)
     _check(y, reference.int4_matmul(x, qweight, scales, zeros, g, b), dtype)
     return y

@@ -191,17 +191,44 @@ __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t
   }
 }
 
+// Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
+// k blocks (weights, scales); after the main loop the reduction tile reuses it from offset 0.
+template <int FMT, int R, int NT, int P>
+struct Smem {
+  using ST = typename ScaleT<FMT>::type;
+  static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
+  static constexpr int kRingW = kWarps * P * R * 32 * 16;
+  static constexpr int kRingS = kWarps * P * R * 32 * static_cast<int>(sizeof(ST));
+  static constexpr int kBN = 16 * R * kWarps;
+  static constexpr int kRedBytes = 8 * NT * (kBN + 4) * 4;
+  static constexpr int kMain = kLutBytes + kRingW + kRingS;
+  static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem) {  // N = 4 or 8
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 template <int FMT, int DT, int R, int NT, int P>
 __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
+  static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
   using A = Act<DT>;
   using ST = typename ScaleT<FMT>::type;
+  using SM = Smem<FMT, R, NT, P>;
   constexpr int BN = 16 * R * kWarps;  // weight rows per block
   constexpr int BM = 8 * NT;           // tokens per block
   constexpr int LD = BN + 4;           // reduction tile row pitch (words): conflict-free stores
-  constexpr int kRedWords = BM * LD;
-  constexpr int kLutWords = FMT == kW4NF4 ? 256 * 32 : 0;
-  constexpr int kSmemWords = kRedWords > kLutWords ? kRedWords : kLutWords;
-  __shared__ __align__(16) uint32_t smem[kSmemWords];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem_raw);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -210,15 +237,19 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
   const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
   const int kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
   const int kb1 = static_cast<int>(static_cast<int64_t>(split + 1) * p.nkb / S);
+  const int kb_last = max(kb1 - 1, kb0);  // the host never makes an empty split
   const int rt0 = (rb * kWarps + warp) * R;
 
+  // This lane's slots in its warp's ring: weights [P][R][32 lanes] uint4, scales likewise.
+  uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes) + warp * P * R * 32 + lane;
+  ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kRingW) + warp * P * R * 32 + lane;
+
+  // Row tiles past the weight (in the last block) read row tile 0: never stored.
   const uint4* wp[R];
   const ST* sp[R];
-  bool rok[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    rok[r] = rt0 + r < p.n_rt;
-    const int64_t rt = rok[r] ? rt0 + r : 0;
+    const int64_t rt = rt0 + r < p.n_rt ? rt0 + r : 0;
     wp[r] = p.w + rt * p.nkb * 32 + lane;
     sp[r] = static_cast<const ST*>(p.s) + rt * p.num_groups * 8 + g;
   }
@@ -226,37 +257,30 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
     const int tok = min(tt * BM + 8 * i + g, p.M - 1);  // tokens past M: any valid row, never stored
-    xp[i] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + tok * p.x_row_stride) + 2 * t;
+    xp[i] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + tok * p.x_row_stride);
   }
 
-  struct Stage {
-    uint4 w[R];
-    ST s[R];
-    uint4 x[NT][2];
-  };
-  Stage st[P];
-
-  auto load = [&](Stage& s, int kb) {
+  // Weights and scales of k block kb into ring slot `slot`: asynchronous copies, one group.
+  auto issue = [&](int slot, int kb) {
     const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * t) >> p.gshift);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (rok[r]) {
-        s.w[r] = ld_stream(wp[r] + static_cast<int64_t>(kb) * 32);
-        s.s[r] = __ldg(sp[r] + gi * 8);
-      } else {
-        s.w[r] = make_uint4(0u, 0u, 0u, 0u);
-        s.s[r] = ST{};
-      }
+      cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32);
+      cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8);
     }
-    const bool xok = kb * 64 + 16 * t + 16 <= p.K;  // K is a multiple of 32: chunks are all in or out
+    cp_async_commit();
+  };
+  // Activations of k block kb: this lane's 16 halves of each token tile (registers). Past K
+  // (K a multiple of 32: a lane's 16 halves are all in or all out) it reads the row's first
+  // 16 halves and zeroes them: no branch around a load.
+  auto load_x = [&](uint4 (&xr)[NT][2], int kb) {
+    const bool xok = kb * 64 + 16 * t + 16 <= p.K;
+    const int xoff = xok ? kb * 8 + 2 * t : 0;
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
-      if (xok) {
-        s.x[i][0] = __ldg(xp[i] + kb * 8);
-        s.x[i][1] = __ldg(xp[i] + kb * 8 + 1);
-      } else {
-        s.x[i][0] = s.x[i][1] = make_uint4(0u, 0u, 0u, 0u);
-      }
+      const uint4 v0 = __ldg(xp[i] + xoff), v1 = __ldg(xp[i] + xoff + 1);
+      xr[i][0] = xok ? v0 : make_uint4(0u, 0u, 0u, 0u);
+      xr[i][1] = xok ? v1 : make_uint4(0u, 0u, 0u, 0u);
     }
   };
 
@@ -268,13 +292,14 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][n][c] = 0.0f;
 
-  const uint32_t* lut_lane = smem + lane;
-  auto compute = [&](const Stage& s) {
+  const uint32_t* lut_lane = lut + lane;
+  auto compute = [&](int slot, const uint4 (&xr)[NT][2]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+      const uint4 w = wring[(slot * R + r) * 32];
       uint32_t sc[2], zc[2];
-      split_scales<FMT>(s.s[r], sc, zc);
-      const uint32_t words[4] = {s.w[r].x, s.w[r].y, s.w[r].z, s.w[r].w};
+      split_scales<FMT>(sring[(slot * R + r) * 32], sc, zc);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t a[4];
@@ -282,39 +307,56 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
         for (int i = 0; i < 4; ++i) a[i] = dequant<FMT, DT>(words[j], i, sc, zc, lut_lane);
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const uint4& xv = s.x[n][j >> 1];
+          const uint4& xv = xr[n][j >> 1];
           A::mma(acc[r][n], a, (j & 1) ? xv.z : xv.x, (j & 1) ? xv.w : xv.y);
         }
       }
     }
   };
 
-  // Prologue: the first P-1 k blocks in flight, then (nf4) the code-pair table.
+  // Prologue: P-1 k blocks in flight (indices clamped to the split), the first activations,
+  // then (nf4) the code-pair table.
 #pragma unroll
-  for (int s = 0; s < P - 1; ++s)
-    if (kb0 + s < kb1) load(st[s], kb0 + s);
+  for (int s = 0; s < P - 1; ++s) issue(s, min(kb0 + s, kb_last));
+  uint4 xr[2][NT][2];
+  load_x(xr[0], kb0);
   if constexpr (FMT == kW4NF4) {
     for (int i = tid; i < 256 * 32; i += kThreads) {
       const int e = i >> 5;
-      smem[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
+      lut[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
     }
     __syncthreads();
   }
 
-  // Main loop: slot of k block kb is (kb - kb0) % P; each step refills the slot just consumed.
+  // Main loop over whole groups of P k blocks (P even): block kb is in ring slot
+  // (kb - kb0) % P and its activations in xr[(kb - kb0) % 2]. Each step first refills the
+  // slot consumed one step before, P-1 blocks ahead, and loads the next activations; the
+  // wait leaves the P-1 newest copy groups in flight. A lane reads only its own ring slots,
+  // so no barrier is needed.
+  int kb = kb0;
 #pragma unroll 1
-  for (int base = kb0; base < kb1; base += P) {
+  for (; kb + P <= kb1; kb += P) {
 #pragma unroll
     for (int s = 0; s < P; ++s) {
-      const int kb = base + s;
-      if (kb + P - 1 < kb1) load(st[(s + P - 1) % P], kb + P - 1);
-      if (kb < kb1) compute(st[s]);
+      issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
+      load_x(xr[(s + 1) & 1], min(kb + s + 1, kb_last));
+      cp_async_wait<P - 1>();
+      compute(s, xr[s & 1]);
+    }
+  }
+  // The last kb1 - kb < P blocks are in slots 0 .. kb1-kb-1.
+  cp_async_wait<0>();
+#pragma unroll
+  for (int s = 0; s < P - 1; ++s) {
+    if (kb + s < kb1) {
+      if (s > 0) load_x(xr[s & 1], kb + s);
+      compute(s, xr[s & 1]);
     }
   }
 
   // Epilogue: partial tile -> shared memory [token][row] (fp32).
-  __syncthreads();  // every warp is done with the table (nf4) before the tile overwrites it
-  float* red = reinterpret_cast<float*>(smem);
+  __syncthreads();  // every warp is done with the table and its ring before the tile overwrites them
+  float* red = reinterpret_cast<float*>(smem_raw);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int row = (warp * R + r) * 16 + g;
@@ -373,32 +415,48 @@ __global__ void __launch_bounds__(256) w4_dequant_kernel(const Params p) {
   }
   const int64_t total = static_cast<int64_t>(p.n_rt) * p.nkb * 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int lane = static_cast<int>(idx & 31);
-    const int64_t tile = idx >> 5;
-    const int kb = static_cast<int>(tile % p.nkb);
-    const int64_t rt = tile / p.nkb;
-    const int g = lane >> 2, t = lane & 3;
-    const uint4 wv = ld_stream(p.w + idx);
-    const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * t) >> p.gshift);
-    const ST sv = static_cast<const ST*>(p.s)[(rt * p.num_groups + gi) * 8 + g];
-    uint32_t sc[2], zc[2];
-    split_scales<FMT>(sv, sc, zc);
-    const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
-    uint32_t rows[2][8];  // rows g, g+8: k = 16t + 0..15 as 8 pairs
+  // Two items per thread per step, both loads issued first (two 16-byte loads in flight).
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < total; base += 2 * stride) {
+    int64_t idx[2] = {base, base + stride < total ? base + stride : base};
+    uint4 wv[2];
+    ST sv[2];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int u = 0; u < 2; ++u) {
+      const int lane = static_cast<int>(idx[u] & 31);
+      const int64_t tile = idx[u] >> 5;
+      const int kb = static_cast<int>(tile % p.nkb);
+      const int64_t rt = tile / p.nkb;
+      const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * (lane & 3)) >> p.gshift);
+      wv[u] = ld_stream(p.w + idx[u]);
+      sv[u] = static_cast<const ST*>(p.s)[(rt * p.num_groups + gi) * 8 + (lane >> 2)];
+    }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) rows[i & 1][2 * j + (i >> 1)] = dequant<FMT, DT>(words[j], i, sc, zc, lut + lane);
-    const int64_t k = static_cast<int64_t>(kb) * 64 + 16 * t;
-    if (k + 16 > p.K) continue;
+    for (int u = 0; u < 2; ++u) {
+      if (u == 1 && idx[1] == idx[0]) break;
+      const int lane = static_cast<int>(idx[u] & 31);
+      const int g = lane >> 2, t = lane & 3;
+      const int64_t tile = idx[u] >> 5;
+      const int kb = static_cast<int>(tile % p.nkb);
+      const int64_t rt = tile / p.nkb;
+      uint32_t sc[2], zc[2];
+      split_scales<FMT>(sv[u], sc, zc);
+      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      uint32_t rows[2][8];  // rows g, g+8: k = 16t + 0..15 as 8 pairs
 #pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const int64_t row = rt * 16 + g + 8 * rh;
-      if (row >= p.N) continue;
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.out) + row * p.K + k);
-      dst[0] = make_uint4(rows[rh][0], rows[rh][1], rows[rh][2], rows[rh][3]);
-      dst[1] = make_uint4(rows[rh][4], rows[rh][5], rows[rh][6], rows[rh][7]);
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          rows[i & 1][2 * j + (i >> 1)] = dequant<FMT, DT>(words[j], i, sc, zc, lut + lane);
+      const int64_t k = static_cast<int64_t>(kb) * 64 + 16 * t;
+      if (k + 16 > p.K) continue;
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const int64_t row = rt * 16 + g + 8 * rh;
+        if (row >= p.N) continue;
+        uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.out) + row * p.K + k);
+        dst[0] = make_uint4(rows[rh][0], rows[rh][1], rows[rh][2], rows[rh][3]);
+        dst[1] = make_uint4(rows[rh][4], rows[rh][5], rows[rh][6], rows[rh][7]);
+      }
     }
   }
 }
@@ -412,7 +470,7 @@ struct KernelInfo {
 };
 
 template <typename Kernel>
-KernelInfo kernel_info(Kernel kernel, int device, int threads) {
+KernelInfo kernel_info(Kernel kernel, int device, int threads, int smem_bytes) {
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, KernelInfo> cache;
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
@@ -424,7 +482,11 @@ KernelInfo kernel_info(Kernel kernel, int device, int threads) {
   check_cuda(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), fn, "cudaDeviceGetAttribute");
   int major = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), fn, "cudaDeviceGetAttribute");
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, threads, 0), fn,
+  if (smem_bytes > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes), fn,
+               "cudaFuncSetAttribute");
+  }
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, threads, smem_bytes), fn,
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   cudaFuncAttributes attr{};
   check_cuda(cudaFuncGetAttributes(&attr, kernel), fn, "cudaFuncGetAttributes");
@@ -485,7 +547,8 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   constexpr int BN = 16 * R * kWarps, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
-  const KernelInfo info = kernel_info(kernel, device, kThreads);
+  constexpr int smem = Smem<FMT, R, NT, P>::kBytes;
+  const KernelInfo info = kernel_info(kernel, device, kThreads, smem);
   const int64_t tblocks = (p.M + BM - 1) / BM;
   const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
@@ -493,7 +556,7 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
   cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   cfg.attrs = attr;
@@ -515,11 +578,11 @@ template <int FMT, int DT>
 void w4_launch(const W4Args& a, cudaStream_t stream) {
   const Params p = make_params(a);
   if (p.M <= 8) {
-    launch_mma<FMT, DT, 2, 1, 4>(p, stream);
+    launch_mma<FMT, DT, 2, 1, 6>(p, stream);
   } else if (p.M <= 16) {
-    launch_mma<FMT, DT, 2, 2, 4>(p, stream);
+    launch_mma<FMT, DT, 2, 2, 6>(p, stream);
   } else {
-    launch_mma<FMT, DT, 2, 4, 2>(p, stream);
+    launch_mma<FMT, DT, 2, 4, 4>(p, stream);
   }
 }
 
@@ -531,7 +594,7 @@ void w4_dequant_launch(const W4Args& a, cudaStream_t stream) {
   check_cuda(cudaGetDevice(&device), fn, "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), fn, "cudaDeviceGetAttribute");
   const int64_t total = static_cast<int64_t>(p.n_rt) * p.nkb * 32;
-  const int64_t blocks = std::min<int64_t>((total + 255) / 256, static_cast<int64_t>(sms) * 8);
+  const int64_t blocks = std::min<int64_t>((total + 511) / 512, static_cast<int64_t>(sms) * 8);
   w4_dequant_kernel<FMT, DT><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), fn, "kernel launch");
 }

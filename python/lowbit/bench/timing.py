@@ -18,6 +18,11 @@ import torch
 CPU_ROTATION_BYTES = 512 << 20
 #: Bytes written to flush the GPU L2 between timed calls (H100: 50 MB L2).
 GPU_FLUSH_BYTES = 256 << 20
+#: GPU clock cycles the device spins after the flush, before the start event: the call is
+#: enqueued while the GPU is still busy, so the events time the GPU work of the call, not
+#: the Python/launch overhead of a call that takes longer to enqueue than the flush to run
+#: (that overhead is real, but it is the CPU's: CUDA graphs remove it; it is not the kernel).
+GPU_SPIN_CYCLES = 1_000_000
 
 
 def copies_for_rotation(bytes_per_copy: int, device: str) -> int:
@@ -65,6 +70,7 @@ def _median_cuda(calls, *, min_runs: int, max_runs: int, budget_s: float) -> flo
     i = 0
     while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
         flush.zero_()
+        torch.cuda._sleep(GPU_SPIN_CYCLES)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         calls[i % len(calls)]()
