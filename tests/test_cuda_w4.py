@@ -281,7 +281,7 @@ def test_nf4_unsupported_shapes_are_declined():
 
 
 @cuda
-@pytest.mark.parametrize("split", [1, 2, 4, 8])
+@pytest.mark.parametrize("split", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("m", [1, 12, 40])
 def test_forced_split_k_is_exact_and_deterministic(monkeypatch, split, m):
     monkeypatch.setenv("LOWBIT_CUDA_W4_SPLIT", str(split))

@@ -467,6 +467,7 @@ struct KernelInfo {
   int sms = 1;
   int blocks_per_sm = 1;
   bool clusters = false;  // the device and the loaded binary (sm_90+) run thread block clusters
+  int max_cluster = 1;    // the largest cluster (K split) this kernel can be launched with
 };
 
 template <typename Kernel>
@@ -492,6 +493,22 @@ KernelInfo kernel_info(Kernel kernel, int device, int threads, int smem_bytes) {
   check_cuda(cudaFuncGetAttributes(&attr, kernel), fn, "cudaFuncGetAttributes");
   info.clusters = major >= 9 && attr.binaryVersion >= 90;
   info.blocks_per_sm = info.blocks_per_sm < 1 ? 1 : info.blocks_per_sm;
+  if (info.clusters) {
+    // 8 blocks is the portable cluster size; Hopper allows 16 when asked (small-N shapes want
+    // more K splits), if the occupancy calculator says a cluster of 16 fits.
+    info.max_cluster = 8;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(1, 1, 16);
+      cfg.blockDim = dim3(threads, 1, 1);
+      cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+      int largest = 0;
+      if (cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &cfg) == cudaSuccess && largest >= 16) {
+        info.max_cluster = 16;
+      }
+    }
+    cudaGetLastError();  // a refused non-portable size is not an error of ours
+  }
   cache.emplace(key, info);
   return info;
 }
@@ -525,20 +542,18 @@ inline Params make_params(const W4Args& a) {
   return p;
 }
 
-// Splits of K (a power of two up to 8, the cluster size limit) so that one wave of blocks
+// Splits of K (up to the cluster size limit, 16 on Hopper) so that one wave of blocks
 // covers the GPU; LOWBIT_CUDA_W4_SPLIT=S forces S (for tuning).
 inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
   if (!info.clusters) return 1;
   int forced = env_int("LOWBIT_CUDA_W4_SPLIT");
-  if (forced > 0) {
-    int s = 1;
-    while (s * 2 <= forced && s * 2 <= 8 && s * 2 <= nkb) s *= 2;
-    return s;
-  }
+  if (forced > 0) return std::max(1, std::min({forced, info.max_cluster, nkb}));
+  // As many splits as fit in one wave of resident blocks (each split at least 2 k blocks).
   const int64_t slots = static_cast<int64_t>(info.sms) * info.blocks_per_sm;
-  int s = 1;
-  while (s < 8 && tiles * s * 2 <= slots && s * 2 <= nkb / 2) s *= 2;
-  return s;
+  int64_t s = slots / (tiles > 0 ? tiles : 1);
+  s = std::min<int64_t>(s, info.max_cluster);
+  s = std::min<int64_t>(s, nkb / 2);
+  return static_cast<int>(std::max<int64_t>(s, 1));
 }
 
 template <int FMT, int DT, int R, int NT, int P>
@@ -577,10 +592,13 @@ void launch_mma(const Params& p, cudaStream_t stream) {
 template <int FMT, int DT>
 void w4_launch(const W4Args& a, cudaStream_t stream) {
   const Params p = make_params(a);
+  // Ring depth P: int4 6 k blocks (36 KB of shared memory a block: 6 blocks an SM); nf4 4,
+  // next to its 32 KB table (52 KB: 4 blocks an SM).
+  constexpr int P1 = FMT == kW4NF4 ? 4 : 6;
   if (p.M <= 8) {
-    launch_mma<FMT, DT, 2, 1, 6>(p, stream);
+    launch_mma<FMT, DT, 2, 1, P1>(p, stream);
   } else if (p.M <= 16) {
-    launch_mma<FMT, DT, 2, 2, 6>(p, stream);
+    launch_mma<FMT, DT, 2, 2, P1>(p, stream);
   } else {
     launch_mma<FMT, DT, 2, 4, 4>(p, stream);
   }

@@ -35,7 +35,7 @@ if not _native.has("int4_matmul_cuda"):
 _W4 = _native.has("w4_matmul_cuda")
 _HALF = (torch.float16, torch.bfloat16)
 #: Default number of rows from which the dense path (dequantize + cuBLAS) is used.
-DENSE_MIN_M = 512
+DENSE_MIN_M = 192
 
 
 def dense_min_m() -> int:
@@ -116,8 +116,10 @@ def int4_matmul(
     """``x @ dequant(W)^T (+ bias)`` with the CUDA kernels, on the current stream."""
     fn = "lowbit.backends.cuda.int4_matmul"
     if _int4_fast(x, qweight, group_size):
-        _validate.int4_matmul(x, qweight, scales, zeros, group_size, bias)  # metadata only
-        packed = w4_layout.packed_int4(qweight, scales, zeros, group_size, x.dtype)
+        # The metadata checks run when the layout is (re)made; a cached copy was made from
+        # these same tensors at their current versions, and x and bias are checked against it.
+        validate = lambda: _validate.int4_matmul(x, qweight, scales, zeros, group_size, bias)  # noqa: E731
+        packed = w4_layout.packed_int4(qweight, scales, zeros, group_size, x.dtype, check=validate)
         return _w4_matmul(x, packed, bias)
     call = prepare_int4(x, qweight, scales, zeros, group_size, bias, fn=fn)
     if not call.empty:
@@ -155,8 +157,11 @@ def nf4_matmul(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a bitsandbytes-layout NF4 weight, with the CUDA kernels."""
-    _validate.nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features, bias)
+    def validate():
+        _validate.nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features,
+                             bias)
+
     shape = (out_features, x.shape[-1])
     packed = w4_layout.packed_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, shape,
-                                  x.dtype)
+                                  x.dtype, check=validate)
     return _w4_matmul(x, packed, bias)

@@ -210,9 +210,10 @@ def _ref(t: torch.Tensor | None):
     return None if t is None else weakref.ref(t)
 
 
-def _lookup(qweight: torch.Tensor, key: tuple, others: tuple, make) -> PackedW4:
+def _lookup(qweight: torch.Tensor, key: tuple, others: tuple, make, check=None) -> PackedW4:
     """The cached packed copy for ``qweight`` and ``key`` if ``others`` (the other tensors
-    it was made from) are the same objects at the same versions; else a new one."""
+    it was made from) are the same objects at the same versions; else ``check()`` (if given)
+    and a new one."""
     stamp = (_version(qweight),) + tuple(_version(t) for t in others)
     entries = _cache.get(qweight) if _cache is not None else None
     if entries is not None:
@@ -221,6 +222,8 @@ def _lookup(qweight: torch.Tensor, key: tuple, others: tuple, make) -> PackedW4:
             refs, old_stamp, packed = hit
             if old_stamp == stamp and all((r() if r is not None else None) is t for r, t in zip(refs, others)):
                 return packed
+    if check is not None:
+        check()
     packed = make()
     if _cache is not None:
         if entries is None:
@@ -230,19 +233,21 @@ def _lookup(qweight: torch.Tensor, key: tuple, others: tuple, make) -> PackedW4:
     return packed
 
 
-def packed_int4(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> PackedW4:
-    """The cached CUDA-layout copy of an int4 weight for activations of ``dtype``."""
+def packed_int4(qweight, scales, zeros, group_size: int, dtype: torch.dtype, check=None) -> PackedW4:
+    """The cached CUDA-layout copy of an int4 weight for activations of ``dtype``
+    (``check()`` runs before a copy is made)."""
     return _lookup(qweight, (INT4, dtype, group_size), (scales, zeros),
-                   lambda: repack_int4(qweight, scales, zeros, group_size, dtype))
+                   lambda: repack_int4(qweight, scales, zeros, group_size, dtype), check)
 
 
 def packed_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset: float, blocksize: int,
-               shape: tuple[int, int], dtype: torch.dtype) -> PackedW4:
-    """The cached CUDA-layout copy of an NF4 weight for activations of ``dtype``."""
+               shape: tuple[int, int], dtype: torch.dtype, check=None) -> PackedW4:
+    """The cached CUDA-layout copy of an NF4 weight for activations of ``dtype``
+    (``check()`` runs before a copy is made)."""
     key = (NF4, dtype, blocksize, tuple(shape), float(absmax_offset))
     return _lookup(qweight, key, (absmax, absmax_scale, absmax_code),
                    lambda: repack_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize,
-                                      shape, dtype))
+                                      shape, dtype), check)
 
 
 def cached(qweight: torch.Tensor) -> list[PackedW4]:

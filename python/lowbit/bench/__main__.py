@@ -20,7 +20,7 @@ import sys
 import torch
 
 from .cases import Case, kv_case, matmul_case
-from .timing import copy_bandwidth, median_time, read_bandwidth
+from .timing import _flush_mode, copy_bandwidth, median_time, read_bandwidth
 
 MATMUL_OPS = ("int4", "nf4", "ternary", "sparse24")
 KV_OPS = ("kv8", "kv4")
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, activations {dtype}, "
         f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s, copy bandwidth {copy_bw / 1e9:.1f} GB/s "
         f"(bytes read + written)"
+        + (f"; L2 flush by {_flush_mode()}, GPU busy while each call is enqueued" if a.device == "cuda" else "")
     )
     print(header, flush=True)
     rows = []
