@@ -35,7 +35,7 @@ if not _native.has("int4_matmul_cuda"):
 _W4 = _native.has("w4_matmul_cuda")
 _HALF = (torch.float16, torch.bfloat16)
 #: Default number of rows from which the dense path (dequantize + cuBLAS) is used.
-DENSE_MIN_M = 192
+DENSE_MIN_M = 256
 
 
 def dense_min_m() -> int:
