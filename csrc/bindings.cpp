@@ -18,6 +18,7 @@
 #include "common/int4_matmul.h"
 #include "common/kv_attention.h"
 #include "common/ternary_matmul.h"
+#include "common/w4_matmul.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/isa.h"
 #include "lowbit_build_config.h"
@@ -147,6 +148,47 @@ void int4_matmul_cuda(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintpt
   check_int4_matmul_args("int4_matmul_cuda", a);
   cuda::int4_matmul(a, stream);
 }
+
+W4Args make_w4_args(int fmt, int act_dtype, uintptr_t packed_w_ptr, uintptr_t packed_s_ptr, uintptr_t out_ptr,
+                    int64_t N, int64_t K, int64_t n_pad, int64_t k_pad, int64_t group_size, int64_t num_groups) {
+  W4Args a;
+  a.fmt = fmt;
+  a.act_dtype = act_dtype;
+  a.packed_w = reinterpret_cast<const void*>(packed_w_ptr);
+  a.packed_s = reinterpret_cast<const void*>(packed_s_ptr);
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.N = N;
+  a.K = K;
+  a.n_pad = n_pad;
+  a.k_pad = k_pad;
+  a.group_size = group_size;
+  a.num_groups = num_groups;
+  return a;
+}
+
+void w4_matmul_cuda(int fmt, uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t packed_w_ptr,
+                    uintptr_t packed_s_ptr, uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int64_t M,
+                    int64_t N, int64_t K, int64_t n_pad, int64_t k_pad, int64_t group_size, int64_t num_groups,
+                    uintptr_t stream) {
+  W4Args a = make_w4_args(fmt, x_dtype, packed_w_ptr, packed_s_ptr, out_ptr, N, K, n_pad, k_pad, group_size,
+                          num_groups);
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_row_stride = x_row_stride;
+  a.bias = reinterpret_cast<const void*>(bias_ptr);
+  a.bias_dtype = bias_dtype;
+  a.M = M;
+  check_w4_args("w4_matmul_cuda", a, false);
+  cuda::w4_matmul(a, stream);
+}
+
+void w4_dequant_cuda(int fmt, int act_dtype, uintptr_t packed_w_ptr, uintptr_t packed_s_ptr, uintptr_t out_ptr,
+                     int64_t N, int64_t K, int64_t n_pad, int64_t k_pad, int64_t group_size, int64_t num_groups,
+                     uintptr_t stream) {
+  const W4Args a = make_w4_args(fmt, act_dtype, packed_w_ptr, packed_s_ptr, out_ptr, N, K, n_pad, k_pad,
+                                group_size, num_groups);
+  check_w4_args("w4_dequant_cuda", a, true);
+  cuda::w4_dequant(a, stream);
+}
 #endif
 
 std::vector<std::string> split_list(const std::string& s) {  // CMake list "a;b" -> ["a", "b"]
@@ -245,6 +287,16 @@ PYBIND11_MODULE(_C, m) {
         "N"_a, "K"_a, "group_size"_a, "stream"_a,
         "Same as int4_matmul_cpu, on the GPU holding the pointers, enqueued on the cudaStream_t `stream`\n"
         "(an integer; 0 = legacy default stream). Does not synchronize.");
+  m.def("w4_matmul_cuda", &lowbit::w4_matmul_cuda, py::call_guard<py::gil_scoped_release>(), "fmt"_a, "x_ptr"_a,
+        "x_dtype"_a, "x_row_stride"_a, "packed_w_ptr"_a, "packed_s_ptr"_a, "bias_ptr"_a, "bias_dtype"_a,
+        "out_ptr"_a, "M"_a, "N"_a, "K"_a, "n_pad"_a, "k_pad"_a, "group_size"_a, "num_groups"_a, "stream"_a,
+        "out[M, N] = x[M, K] @ W^T (+ bias) for a 4-bit weight (fmt 0 = int4, 1 = nf4) in the CUDA layout of\n"
+        "lowbit.backends.w4_layout (packed_w, packed_s); x float16/bfloat16 with 16-byte aligned rows, out\n"
+        "contiguous in x's dtype. Enqueued on `stream`, no synchronization.");
+  m.def("w4_dequant_cuda", &lowbit::w4_dequant_cuda, py::call_guard<py::gil_scoped_release>(), "fmt"_a,
+        "act_dtype"_a, "packed_w_ptr"_a, "packed_s_ptr"_a, "out_ptr"_a, "N"_a, "K"_a, "n_pad"_a, "k_pad"_a,
+        "group_size"_a, "num_groups"_a, "stream"_a,
+        "out[N, K] (contiguous, act_dtype) = the dense weight of a 4-bit weight in the CUDA layout.");
 #endif
   m.def("build_info", &lowbit::build_info, "What this build of the native module contains (a dict).");
   m.def("cpu_isa", &lowbit::cpu_isa,

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../common/int4_matmul.h"
+#include "../common/w4_matmul.h"
 
 namespace lowbit {
 namespace cuda {
@@ -15,6 +16,12 @@ namespace cuda {
 // every pointer is device (or managed) memory of one GPU (ValueError otherwise) and turns
 // CUDA errors into std::runtime_error.
 void int4_matmul(const Int4MatmulArgs& args, uintptr_t stream);
+
+// The 4-bit kernels on the repacked layout (csrc/common/w4_matmul.h), enqueued on `stream`
+// without host synchronization (CUDA-graph capturable). The arguments must have passed
+// check_w4_args; these check that every pointer is device memory of one GPU.
+void w4_matmul(const W4Args& args, uintptr_t stream);
+void w4_dequant(const W4Args& args, uintptr_t stream);
 
 // CUDART_VERSION the module was compiled against (e.g. 13000).
 int compiled_runtime_version();

@@ -13,6 +13,7 @@
 
 #include "../common/check.h"
 #include "cuda_kernels.h"
+#include "cuda_util.h"
 
 namespace lowbit {
 namespace cuda {
@@ -68,45 +69,11 @@ __global__ void __launch_bounds__(kThreads) int4_matmul_kernel(const Int4MatmulA
   }
 }
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();  // clear the (non-sticky) error so later calls start clean
-    LOWBIT_FAIL_RUNTIME("int4_matmul_cuda: ", what, " failed: ", cudaGetErrorName(e), " (",
-                        cudaGetErrorString(e), ")");
-  }
-}
-
-// Device of a pointer that must be device or managed memory (ValueError otherwise).
-int pointer_device(const void* p, const char* name) {
-  cudaPointerAttributes attr{};
-  check_cuda(cudaPointerGetAttributes(&attr, p), "cudaPointerGetAttributes");
-  LOWBIT_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-               "int4_matmul_cuda: ", name, " is not CUDA device memory (is the tensor on the CPU?)");
-  return attr.device;
-}
-
-// Makes `device` current for the launch and restores the previous device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int now = previous_;
-    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 }  // namespace
 
 void int4_matmul(const Int4MatmulArgs& a, uintptr_t stream) {
-  const int device = pointer_device(a.x, "x_ptr");
+  constexpr const char* fn = "int4_matmul_cuda";
+  const int device = pointer_device(a.x, fn, "x_ptr");
   const struct {
     const void* p;
     const char* name;
@@ -114,11 +81,11 @@ void int4_matmul(const Int4MatmulArgs& a, uintptr_t stream) {
                 {a.bias, "bias_ptr"}, {a.out, "out_ptr"}};
   for (const auto& o : others) {
     if (o.p == nullptr) continue;  // optional ones; required ones were checked non-null
-    const int d = pointer_device(o.p, o.name);
+    const int d = pointer_device(o.p, fn, o.name);
     LOWBIT_CHECK(d == device, "int4_matmul_cuda: ", o.name, " is on cuda:", d, " but x_ptr is on cuda:",
                  device);
   }
-  DeviceGuard guard(device);
+  DeviceGuard guard(device, fn);
   const int64_t warps_needed = a.M * a.N;
   const int64_t blocks = std::min(kMaxBlocks, (warps_needed + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const dim3 grid(static_cast<unsigned>(blocks));
@@ -128,7 +95,7 @@ void int4_matmul(const Int4MatmulArgs& a, uintptr_t stream) {
     case kBFloat16: int4_matmul_kernel<kBFloat16><<<grid, kThreads, 0, s>>>(a); break;
     default: int4_matmul_kernel<kFloat32><<<grid, kThreads, 0, s>>>(a); break;
   }
-  check_cuda(cudaGetLastError(), "kernel launch");
+  check_cuda(cudaGetLastError(), fn, "kernel launch");
 }
 
 int compiled_runtime_version() { return CUDART_VERSION; }

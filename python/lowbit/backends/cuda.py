@@ -3,23 +3,106 @@
 Importing this module raises ImportError when the native module did not load or was built
 without CUDA, so the dispatcher (``lowbit.backends``) sees no native CUDA backend.
 Kernels are enqueued on torch's current stream of the tensors' device; nothing syncs.
+
+int4 and nf4 with float16/bfloat16 activations run the 4-bit tensor-core kernels
+(csrc/cuda/w4_*.cu) on a repacked copy of the weight, made on first use and cached per
+``qweight`` tensor (:mod:`lowbit.backends.w4_layout`). For ``M >= dense_min_m()`` rows the
+weight is dequantized by a CUDA kernel into a dense temporary and multiplied by cuBLAS
+(compute-bound sizes, where cuBLAS's tensor-core GEMM wins). float32 activations and int4
+shapes outside the layout (K not a multiple of 32, odd group sizes) take the simple
+warp-per-output int4 kernel; nf4 with K not a multiple of the block size is left to the
+next backend.
+
+Repacking runs torch ops on the current stream; under CUDA graph capture the first call of
+a weight would be captured with it, so warm each weight up once before capturing (as CUDA
+graphs need anyway).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .. import _native
-from .native_args import int4_supported, prepare_int4
+from .. import _native, _validate
+from . import w4_layout
+from .native_args import DTYPE_CODES, NATIVE_DTYPES, int4_supported, prepare_int4, rows_with_unit_stride
 
 if not _native.has("int4_matmul_cuda"):
     reason = _native.load_error() or "this build of lowbit._C has no CUDA kernels (built without nvcc?)"
     raise ImportError(f"lowbit.backends.cuda: {reason}")
 
+_W4 = _native.has("w4_matmul_cuda")
+_HALF = (torch.float16, torch.bfloat16)
+#: Default number of rows from which the dense path (dequantize + cuBLAS) is used.
+DENSE_MIN_M = 256
+
+
+def dense_min_m() -> int:
+    """Rows of ``x`` from which int4/nf4 run dequantize + cuBLAS (``LOWBIT_CUDA_W4_DENSE_M``
+    overrides the default, :data:`DENSE_MIN_M`; 0 turns the dense path off)."""
+    v = os.environ.get("LOWBIT_CUDA_W4_DENSE_M", "").strip()
+    if not v:
+        return DENSE_MIN_M
+    m = int(v)
+    return m if m > 0 else 1 << 62
+
+
+def _w4_ready(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` as ``[M, K]`` rows with unit inner stride, 16-byte aligned rows (copies if not)."""
+    x2, stride = rows_with_unit_stride(x)
+    if x2.data_ptr() % 16 or (x2.shape[0] > 1 and stride % 8):
+        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
+        stride = x2.shape[1]
+    return x2, stride
+
+
+def _w4_matmul(x: torch.Tensor, packed: w4_layout.PackedW4, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T (+ bias)``; the caller has validated the shapes (x's K is the weight's)."""
+    if x.shape[-1] != packed.k or (bias is not None and bias.shape != (packed.n,)):
+        raise ValueError(f"lowbit.backends.cuda: x {tuple(x.shape)} / bias do not fit the weight [{packed.n}, {packed.k}]")
+    out_shape = (*x.shape[:-1], packed.n)
+    x2, stride = _w4_ready(x)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(out_shape)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    if m >= dense_min_m():
+        w = torch.empty((packed.n, packed.k), dtype=x.dtype, device=x.device)
+        _native.C.w4_dequant_cuda(
+            fmt=packed.fmt, act_dtype=DTYPE_CODES[x.dtype], packed_w_ptr=packed.packed_w.data_ptr(),
+            packed_s_ptr=packed.packed_s.data_ptr(), out_ptr=w.data_ptr(), N=packed.n, K=packed.k,
+            n_pad=packed.n_pad, k_pad=packed.k_pad, group_size=packed.group_size, num_groups=packed.num_groups,
+            stream=stream,
+        )
+        b = None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x2, w, b).view(out_shape)
+    out = torch.empty((m, packed.n), dtype=x.dtype, device=x.device)
+    b = None if bias is None else bias.contiguous()
+    _native.C.w4_matmul_cuda(
+        fmt=packed.fmt, x_ptr=x2.data_ptr(), x_dtype=DTYPE_CODES[x.dtype], x_row_stride=stride,
+        packed_w_ptr=packed.packed_w.data_ptr(), packed_s_ptr=packed.packed_s.data_ptr(),
+        bias_ptr=0 if b is None else b.data_ptr(), bias_dtype=DTYPE_CODES[x.dtype] if b is None else DTYPE_CODES[b.dtype],
+        out_ptr=out.data_ptr(), M=m, N=packed.n, K=packed.k, n_pad=packed.n_pad, k_pad=packed.k_pad,
+        group_size=packed.group_size, num_groups=packed.num_groups, stream=stream,
+    )
+    return out.view(out_shape)
+
+
+def _on_cuda(*tensors) -> bool:
+    return all(t is None or (isinstance(t, torch.Tensor) and t.device.type == "cuda") for t in tensors)
+
+
+# ---- int4 ---------------------------------------------------------------------------------
+
 
 def supports_int4_matmul(x, qweight, scales, zeros, group_size, bias=None) -> bool:
-    """True if the native CUDA kernel takes this call (CUDA tensors, float16/bfloat16/float32)."""
+    """True if a native CUDA kernel takes this call (CUDA tensors, float16/bfloat16/float32)."""
     return int4_supported("cuda", x, qweight, scales, zeros, bias)
+
+
+def _int4_fast(x, qweight, group_size) -> bool:
+    return _W4 and x.dtype in _HALF and w4_layout.layout_supports(qweight.shape[1] * 2, group_size)
 
 
 def int4_matmul(
@@ -30,9 +113,55 @@ def int4_matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W)^T (+ bias)`` with the CUDA kernel, on the current stream."""
-    call = prepare_int4(x, qweight, scales, zeros, group_size, bias, fn="lowbit.backends.cuda.int4_matmul")
+    """``x @ dequant(W)^T (+ bias)`` with the CUDA kernels, on the current stream."""
+    fn = "lowbit.backends.cuda.int4_matmul"
+    if _int4_fast(x, qweight, group_size):
+        # The metadata checks run when the layout is (re)made; a cached copy was made from
+        # these same tensors at their current versions, and x and bias are checked against it.
+        validate = lambda: _validate.int4_matmul(x, qweight, scales, zeros, group_size, bias)  # noqa: E731
+        packed = w4_layout.packed_int4(qweight, scales, zeros, group_size, x.dtype, check=validate)
+        return _w4_matmul(x, packed, bias)
+    call = prepare_int4(x, qweight, scales, zeros, group_size, bias, fn=fn)
     if not call.empty:
         stream = torch.cuda.current_stream(x.device).cuda_stream
         _native.C.int4_matmul_cuda(**call.kwargs(), stream=stream)
     return call.result()
+
+
+# ---- nf4 ----------------------------------------------------------------------------------
+
+
+def supports_nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features,
+                        bias=None) -> bool:
+    """True for CUDA tensors, float16/bfloat16 activations and ``blocksize`` dividing K
+    (a multiple of 32): the layout of the 4-bit kernels."""
+    if not (_W4 and isinstance(x, torch.Tensor) and x.dtype in _HALF):
+        return False
+    if not _on_cuda(x, qweight, absmax, absmax_scale, absmax_code, bias):
+        return False
+    if bias is not None and bias.dtype not in NATIVE_DTYPES:
+        return False
+    k = x.shape[-1]
+    return k % blocksize == 0 and w4_layout.layout_supports(k, blocksize)
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    absmax_offset: float,
+    blocksize: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a bitsandbytes-layout NF4 weight, with the CUDA kernels."""
+    def validate():
+        _validate.nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features,
+                             bias)
+
+    shape = (out_features, x.shape[-1])
+    packed = w4_layout.packed_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, shape,
+                                  x.dtype, check=validate)
+    return _w4_matmul(x, packed, bias)

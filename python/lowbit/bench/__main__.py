@@ -20,7 +20,7 @@ import sys
 import torch
 
 from .cases import Case, kv_case, matmul_case
-from .timing import copy_bandwidth, median_time, read_bandwidth
+from .timing import _flush_mode, copy_bandwidth, median_time, read_bandwidth
 
 MATMUL_OPS = ("int4", "nf4", "ternary", "sparse24")
 KV_OPS = ("kv8", "kv4")
@@ -125,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     a = _parse(argv)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if a.device == "cpu" else torch.float16)
     bandwidth = read_bandwidth(a.device)
+    copy_bw = copy_bandwidth(a.device)
     header = (
         f"lowbit bench {datetime.date.today()} on {a.device} "
         f"({torch.cuda.get_device_name() if a.device == 'cuda' else platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, activations {dtype}, "
-        f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s"
+        f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s, copy bandwidth {copy_bw / 1e9:.1f} GB/s "
+        f"(bytes read + written)"
         + (", device time of CUDA-graph replays" if a.graph else "")
+        + (f"; L2 flush by {_flush_mode()}, GPU busy while each call is enqueued" if a.device == "cuda" else "")
     )
     print(header, flush=True)
     rows = []

@@ -34,7 +34,7 @@ def _nbytes(*ts: torch.Tensor | None) -> int:
 def _dense_baselines(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, dtypes) -> None:
     """``F.linear`` on the dense weight in each baseline dtype, rotated like the op's weights."""
     for dt in dtypes:
-        wd = w.to(dt)
+        wd = w.to(device=device, dtype=dt)
         reps = copies_for_rotation(_nbytes(wd), device)
         ws = [wd] + [wd.clone() for _ in range(reps - 1)]
         xd = x.to(dt)
@@ -83,6 +83,8 @@ def matmul_case(fmt: str, n: int, k: int, m: int, device: str, act_dtype: torch.
     _dense_baselines(case, w, x, device, _baseline_dtypes(device))
     if fmt == "int4":
         _int4pack_peer(case, w, x, device, opts.get("group_size", 128))
+    if fmt == "nf4":
+        _bnb_peer(case, w, x, device, opts.get("blocksize", 64))
     return case
 
 
@@ -131,6 +133,22 @@ def _int4pack_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, gr
         case.contenders["torch int4pack bf16"] = [lambda p=p: fn(xb, p, group_size, sz) for p in ps]
     except (RuntimeError, AttributeError, ImportError, NotImplementedError):
         pass  # this torch build has no int4pack kernel for the device: nothing to compare
+
+
+def _bnb_peer(case: Case, w: torch.Tensor, x: torch.Tensor, device: str, blocksize: int) -> None:
+    """bitsandbytes' NF4 ``matmul_4bit`` (its GEMV kernel at M=1), where it is installed."""
+    if device != "cuda":
+        return
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        wq, state = bnbf.quantize_4bit(w.to(x.dtype), blocksize=blocksize, quant_type="nf4")
+        fn = bnb.matmul_4bit
+        fn(x, wq.t(), quant_state=state)
+    except Exception:  # noqa: BLE001 - not installed, or no kernel for this GPU: nothing to compare
+        return
+    case.contenders["bnb matmul_4bit"] = [lambda: fn(x, wq.t(), quant_state=state)]
 
 
 def kv_case(bits: int, b: int, h_q: int, h_kv: int, ctx: int, d: int, device: str, dtype: torch.dtype) -> Case:

@@ -8,6 +8,7 @@ reads from memory, as it does in a real model.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,11 @@ import torch
 CPU_ROTATION_BYTES = 512 << 20
 #: Bytes written to flush the GPU L2 between timed calls (H100: 50 MB L2).
 GPU_FLUSH_BYTES = 256 << 20
+#: GPU clock cycles the device spins after the flush, before the start event: the call is
+#: enqueued while the GPU is still busy, so the events time the GPU work of the call, not
+#: the Python/launch overhead of a call that takes longer to enqueue than the flush to run
+#: (that overhead is real, but it is the CPU's: CUDA graphs remove it; it is not the kernel).
+GPU_SPIN_CYCLES = 1_000_000
 
 
 def copies_for_rotation(bytes_per_copy: int, device: str) -> int:
@@ -78,13 +84,25 @@ def _captured(call: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
+def _flush_mode() -> str:
+    """How the L2 is flushed: ``write`` (default; zero a 256 MB buffer, as triton's do_bench
+    does: L2 is left holding dirty lines, written back while the timed call runs) or
+    ``read`` (sum a 256 MB buffer: L2 is left holding clean lines). ``LOWBIT_BENCH_FLUSH``."""
+    mode = os.environ.get("LOWBIT_BENCH_FLUSH", "write").strip().lower() or "write"
+    if mode not in ("write", "read"):
+        raise ValueError(f"LOWBIT_BENCH_FLUSH={mode!r}: expected 'write' or 'read'")
+    return mode
+
+
 def _median_cuda(calls, *, min_runs: int, max_runs: int, budget_s: float) -> float:
-    flush = torch.empty(GPU_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    flush = torch.ones(GPU_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    do_flush = flush.zero_ if _flush_mode() == "write" else flush.sum
     times: list[float] = []
     start = time.perf_counter()
     i = 0
     while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-        flush.zero_()
+        do_flush()
+        torch.cuda._sleep(GPU_SPIN_CYCLES)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         calls[i % len(calls)]()

@@ -1,0 +1,625 @@
+// The CUDA 4-bit weight kernels (int4, nf4) on the repacked layout of csrc/common/w4_matmul.h.
+// Included by one .cu file per (format, activation dtype), which instantiates w4_launch and
+// w4_dequant_launch for its pair (so that nvcc compiles the four in parallel).
+//
+// w4_mma_kernel: "swap AB" tensor-core GEMM for small and medium M. The weight is the A operand
+// of mma.m16n8k16 (16 weight rows x 16 k) and the activations the B operand (16 k x 8 tokens),
+// so one MMA serves up to 8 tokens and nothing is wasted on padding M to 16.
+//   * A warp owns R row tiles (16R weight rows) and NT token tiles (8NT tokens); a block has
+//     4 warps (64R rows) and a grid (token tiles, row blocks, K splits).
+//   * Weights go straight from global memory to registers: each lane's 16-byte load is its
+//     A fragments for 4 k steps (512 contiguous bytes per warp), streamed past L1, P k-blocks
+//     in flight per warp (a register ring, no shared memory, no block barrier in the loop).
+//   * Dequantization in registers: int4 codes land in the mantissa of fp16 1024+q / bf16
+//     128+q (lop3 mask-or), one exact fma removes the offset, one fma applies scale and
+//     -zero*scale. nf4: each byte of codes indexes a 256-entry table of code pairs in shared
+//     memory with one copy per lane (bank = lane: conflict free), then one fma by the absmax.
+//   * The activations of a lane are 16 contiguous halves per k block (the layout permutes k
+//     inside a block to make it so): two 16-byte loads through L1, which all warps share.
+//   * Split K (small-N shapes, to fill every SM) on Hopper reduces through distributed shared
+//     memory: the K splits of a tile form one thread block cluster; each block parks its fp32
+//     partial tile in shared memory, and after a cluster barrier each reduces 1/S of the tile
+//     over all S blocks in a fixed order (deterministic), adds the bias and stores. No
+//     workspace, no atomics, no host synchronization: safe under CUDA graph capture and on any
+//     stream. Before Hopper the grid has no K split.
+// w4_dequant_kernel: the dense weight [N, K] in the activation dtype, with the same arithmetic,
+// for large M (the Python backend then calls cuBLAS through torch).
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../common/dtype.h"
+#include "../common/w4_matmul.h"
+#include "cuda_util.h"
+#include "w4_launch.h"
+
+namespace lowbit {
+namespace cuda {
+namespace w4 {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+
+// bitsandbytes' NF4 code values (lowbit.formats.nf4.NF4_CODE).
+__constant__ float kNF4Code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f};
+
+// (a & b) | c in one instruction (the compiler splits it in two when b and c are immediates).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <int DT>
+struct Act;
+
+template <>
+struct Act<kFloat16> {
+  static constexpr uint32_t kMagic = 0x64006400u;     // (1024, 1024): q lands in the mantissa
+  static constexpr uint32_t kNegMagic = 0xE400E400u;  // (-1024, -1024)
+  static constexpr uint32_t kOne = 0x3C003C00u;
+  static constexpr uint32_t kNegZero = 0x80008000u;
+  __device__ __forceinline__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
+           (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+  }
+  __device__ __forceinline__ static uint16_t from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Act<kBFloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;     // (128, 128): 7 mantissa bits hold q
+  static constexpr uint32_t kNegMagic = 0xC300C300u;  // (-128, -128)
+  static constexpr uint32_t kOne = 0x3F803F80u;
+  static constexpr uint32_t kNegZero = 0x80008000u;
+  __device__ __forceinline__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+           (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  }
+  __device__ __forceinline__ static uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Per-lane scale data of one row tile and group: int4 (scale, -zero*scale) for rows g and
+// g+8; nf4 (absmax of row g, absmax of row g+8).
+template <int FMT>
+struct ScaleT {
+  using type = uint2;
+};
+template <>
+struct ScaleT<kW4NF4> {
+  using type = uint32_t;
+};
+
+// Kernel arguments (by value, in the constant bank).
+struct Params {
+  const void* x;
+  int64_t x_row_stride;  // elements
+  const uint4* w;        // packed_w, one uint4 per (row tile, k block, lane)
+  const void* s;         // packed_s
+  const void* bias;
+  int bias_dtype;
+  void* out;
+  int M, N, K, n_rt, nkb, num_groups, gshift;
+};
+
+// A 16-byte load that streams past L1 (each weight byte is read once).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// The two-element registers (scale, scale) and (zs, zs) of rows g (index 0) and g+8 (index 1).
+template <int FMT>
+__device__ __forceinline__ void split_scales(const typename ScaleT<FMT>::type& s, uint32_t (&sc)[2],
+                                             uint32_t (&zc)[2]) {
+  if constexpr (FMT == kW4Int4) {
+    sc[0] = __byte_perm(s.x, 0, 0x1010);
+    zc[0] = __byte_perm(s.x, 0, 0x3232);
+    sc[1] = __byte_perm(s.y, 0, 0x1010);
+    zc[1] = __byte_perm(s.y, 0, 0x3232);
+  } else {
+    sc[0] = __byte_perm(s, 0, 0x1010);
+    sc[1] = __byte_perm(s, 0, 0x3232);
+    zc[0] = zc[1] = 0;
+  }
+}
+
+// Register i (= rh + 2h) of the A fragment held in `word`: two weights of row g + 8rh.
+template <int FMT, int DT>
+__device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t (&sc)[2], const uint32_t (&zc)[2],
+                                            const uint32_t* lut_lane) {
+  using A = Act<DT>;
+  if constexpr (FMT == kW4Int4 && DT == kFloat16) {
+    // Registers 1 and 3 take their codes in bits 4..7 of each half: 1024 + 16q, scaled by 1/16
+    // and offset by -64 exactly (Marlin's trick), which saves a shift.
+    const uint32_t src = i < 2 ? word : word >> 8;
+    const uint32_t v = and_or(src, (i & 1) ? 0x00f000f0u : 0x000f000fu, A::kMagic);
+    const uint32_t q = (i & 1) ? A::fma2(v, 0x2C002C00u, 0xD400D400u) : A::fma2(v, A::kOne, A::kNegMagic);
+    return A::fma2(q, sc[i & 1], zc[i & 1]);
+  } else if constexpr (FMT == kW4Int4) {
+    const uint32_t v = and_or(word >> (4 * i), 0x000f000fu, A::kMagic);  // (M + q_lo, M + q_hi)
+    return A::fma2(A::fma2(v, A::kOne, A::kNegMagic), sc[i & 1], zc[i & 1]);
+  } else {
+    // Byte i of the word indexes the table: entry e of lane l is the word at byte offset
+    // 128e + 4l (lut_lane points at lane l's column), so the offset is a shift and a mask.
+    const uint32_t sh = i == 0 ? word << 7 : word >> (8 * i - 7);
+    const uint32_t off = sh & 0x7f80u;
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(lut_lane) + off);
+    return A::fma2(v, sc[i & 1], A::kNegZero);
+  }
+}
+
+// Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
+// k blocks (weights, scales); after the main loop the reduction tile reuses it from offset 0.
+template <int FMT, int R, int NT, int P>
+struct Smem {
+  using ST = typename ScaleT<FMT>::type;
+  static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
+  static constexpr int kRingW = kWarps * P * R * 32 * 16;
+  static constexpr int kRingS = kWarps * P * R * 32 * static_cast<int>(sizeof(ST));
+  static constexpr int kBN = 16 * R * kWarps;
+  static constexpr int kRedBytes = 8 * NT * (kBN + 4) * 4;
+  static constexpr int kMain = kLutBytes + kRingW + kRingS;
+  static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem) {  // N = 4 or 8
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <int FMT, int DT, int R, int NT, int P>
+__global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
+  static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
+  using A = Act<DT>;
+  using ST = typename ScaleT<FMT>::type;
+  using SM = Smem<FMT, R, NT, P>;
+  constexpr int BN = 16 * R * kWarps;  // weight rows per block
+  constexpr int BM = 8 * NT;           // tokens per block
+  constexpr int LD = BN + 4;           // reduction tile row pitch (words): conflict-free stores
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem_raw);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tt = static_cast<int>(blockIdx.x), rb = static_cast<int>(blockIdx.y);
+  const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
+  const int kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
+  const int kb1 = static_cast<int>(static_cast<int64_t>(split + 1) * p.nkb / S);
+  const int kb_last = max(kb1 - 1, kb0);  // the host never makes an empty split
+  const int rt0 = (rb * kWarps + warp) * R;
+
+  // This lane's slots in its warp's ring: weights [P][R][32 lanes] uint4, scales likewise.
+  uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes) + warp * P * R * 32 + lane;
+  ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kRingW) + warp * P * R * 32 + lane;
+
+  // Row tiles past the weight (in the last block) read row tile 0: never stored.
+  const uint4* wp[R];
+  const ST* sp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t rt = rt0 + r < p.n_rt ? rt0 + r : 0;
+    wp[r] = p.w + rt * p.nkb * 32 + lane;
+    sp[r] = static_cast<const ST*>(p.s) + rt * p.num_groups * 8 + g;
+  }
+  const uint4* xp[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int tok = min(tt * BM + 8 * i + g, p.M - 1);  // tokens past M: any valid row, never stored
+    xp[i] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + tok * p.x_row_stride);
+  }
+
+  // Weights and scales of k block kb into ring slot `slot`: asynchronous copies, one group.
+  auto issue = [&](int slot, int kb) {
+    const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * t) >> p.gshift);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32);
+      cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8);
+    }
+    cp_async_commit();
+  };
+  // Activations of k block kb: this lane's 16 halves of each token tile (registers). Past K
+  // (K a multiple of 32: a lane's 16 halves are all in or all out) it reads the row's first
+  // 16 halves and zeroes them: no branch around a load.
+  auto load_x = [&](uint4 (&xr)[NT][2], int kb) {
+    const bool xok = kb * 64 + 16 * t + 16 <= p.K;
+    const int xoff = xok ? kb * 8 + 2 * t : 0;
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      const uint4 v0 = __ldg(xp[i] + xoff), v1 = __ldg(xp[i] + xoff + 1);
+      xr[i][0] = xok ? v0 : make_uint4(0u, 0u, 0u, 0u);
+      xr[i][1] = xok ? v1 : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+
+  float acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][n][c] = 0.0f;
+
+  const uint32_t* lut_lane = lut + lane;
+  auto compute = [&](int slot, const uint4 (&xr)[NT][2]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4 w = wring[(slot * R + r) * 32];
+      uint32_t sc[2], zc[2];
+      split_scales<FMT>(sring[(slot * R + r) * 32], sc, zc);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = dequant<FMT, DT>(words[j], i, sc, zc, lut_lane);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const uint4& xv = xr[n][j >> 1];
+          A::mma(acc[r][n], a, (j & 1) ? xv.z : xv.x, (j & 1) ? xv.w : xv.y);
+        }
+      }
+    }
+  };
+
+  // Prologue: P-1 k blocks in flight (indices clamped to the split), the first activations,
+  // then (nf4) the code-pair table.
+#pragma unroll
+  for (int s = 0; s < P - 1; ++s) issue(s, min(kb0 + s, kb_last));
+  uint4 xr[2][NT][2];
+  load_x(xr[0], kb0);
+  if constexpr (FMT == kW4NF4) {
+    for (int i = tid; i < 256 * 32; i += kThreads) {
+      const int e = i >> 5;
+      lut[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
+    }
+    __syncthreads();
+  }
+
+  // Main loop over whole groups of P k blocks (P even): block kb is in ring slot
+  // (kb - kb0) % P and its activations in xr[(kb - kb0) % 2]. Each step first refills the
+  // slot consumed one step before, P-1 blocks ahead, and loads the next activations; the
+  // wait leaves the P-1 newest copy groups in flight. A lane reads only its own ring slots,
+  // so no barrier is needed.
+  int kb = kb0;
+#pragma unroll 1
+  for (; kb + P <= kb1; kb += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
+      load_x(xr[(s + 1) & 1], min(kb + s + 1, kb_last));
+      cp_async_wait<P - 1>();
+      compute(s, xr[s & 1]);
+    }
+  }
+  // The last kb1 - kb < P blocks are in slots 0 .. kb1-kb-1.
+  cp_async_wait<0>();
+#pragma unroll
+  for (int s = 0; s < P - 1; ++s) {
+    if (kb + s < kb1) {
+      if (s > 0) load_x(xr[s & 1], kb + s);
+      compute(s, xr[s & 1]);
+    }
+  }
+
+  // Epilogue: partial tile -> shared memory [token][row] (fp32).
+  __syncthreads();  // every warp is done with the table and its ring before the tile overwrites them
+  float* red = reinterpret_cast<float*>(smem_raw);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = (warp * R + r) * 16 + g;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int tok = 8 * n + 2 * t;
+      red[tok * LD + row] = acc[r][n][0];
+      red[(tok + 1) * LD + row] = acc[r][n][1];
+      red[tok * LD + row + 8] = acc[r][n][2];
+      red[(tok + 1) * LD + row + 8] = acc[r][n][3];
+    }
+  }
+
+  const int m_valid = min(BM, p.M - tt * BM);
+  const int E = m_valid * BN;
+  auto store = [&](int e, float v) {
+    const int tok = e / BN, row = e % BN;
+    const int grow = rb * BN + row;
+    if (grow < p.N) {
+      if (p.bias != nullptr) v += load_as_float(p.bias, grow, p.bias_dtype);
+      static_cast<uint16_t*>(p.out)[static_cast<int64_t>(tt * BM + tok) * p.N + grow] = A::from_float(v);
+    }
+  };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (S > 1) {  // launched as a cluster of the S K-splits of this tile
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int chunk = (E + S - 1) / S;
+    const int e1 = min(E, (rank + 1) * chunk);
+    for (int e = rank * chunk + tid; e < e1; e += kThreads) {
+      const int off = (e / BN) * LD + e % BN;
+      float v = 0.0f;
+      for (int q = 0; q < S; ++q) v += cluster.map_shared_rank(red, q)[off];
+      store(e, v);
+    }
+    cluster.sync();  // keep this block's tile alive until every block has read it
+    return;
+  }
+#endif
+  __syncthreads();
+  for (int e = tid; e < E; e += kThreads) store(e, red[(e / BN) * LD + e % BN]);
+}
+
+template <int FMT, int DT>
+__global__ void __launch_bounds__(256) w4_dequant_kernel(const Params p) {
+  using ST = typename ScaleT<FMT>::type;
+  __shared__ uint32_t lut[FMT == kW4NF4 ? 256 * 32 : 1];
+  if constexpr (FMT == kW4NF4) {
+    for (int i = threadIdx.x; i < 256 * 32; i += 256) {
+      const int e = i >> 5;
+      lut[i] = Act<DT>::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
+    }
+    __syncthreads();
+  }
+  const int64_t total = static_cast<int64_t>(p.n_rt) * p.nkb * 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // Two items per thread per step, both loads issued first (two 16-byte loads in flight).
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < total; base += 2 * stride) {
+    int64_t idx[2] = {base, base + stride < total ? base + stride : base};
+    uint4 wv[2];
+    ST sv[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int lane = static_cast<int>(idx[u] & 31);
+      const int64_t tile = idx[u] >> 5;
+      const int kb = static_cast<int>(tile % p.nkb);
+      const int64_t rt = tile / p.nkb;
+      const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * (lane & 3)) >> p.gshift);
+      wv[u] = ld_stream(p.w + idx[u]);
+      sv[u] = static_cast<const ST*>(p.s)[(rt * p.num_groups + gi) * 8 + (lane >> 2)];
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (u == 1 && idx[1] == idx[0]) break;
+      const int lane = static_cast<int>(idx[u] & 31);
+      const int g = lane >> 2, t = lane & 3;
+      const int64_t tile = idx[u] >> 5;
+      const int kb = static_cast<int>(tile % p.nkb);
+      const int64_t rt = tile / p.nkb;
+      uint32_t sc[2], zc[2];
+      split_scales<FMT>(sv[u], sc, zc);
+      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      uint32_t rows[2][8];  // rows g, g+8: k = 16t + 0..15 as 8 pairs
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          rows[i & 1][2 * j + (i >> 1)] = dequant<FMT, DT>(words[j], i, sc, zc, lut + lane);
+      const int64_t k = static_cast<int64_t>(kb) * 64 + 16 * t;
+      if (k + 16 > p.K) continue;
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const int64_t row = rt * 16 + g + 8 * rh;
+        if (row >= p.N) continue;
+        uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.out) + row * p.K + k);
+        dst[0] = make_uint4(rows[rh][0], rows[rh][1], rows[rh][2], rows[rh][3]);
+        dst[1] = make_uint4(rows[rh][4], rows[rh][5], rows[rh][6], rows[rh][7]);
+      }
+    }
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------
+
+struct KernelInfo {
+  int sms = 1;
+  int blocks_per_sm = 1;
+  bool clusters = false;  // the device and the loaded binary (sm_90+) run thread block clusters
+  int max_cluster = 1;    // the largest cluster (K split) this kernel can be launched with
+};
+
+template <typename Kernel>
+KernelInfo kernel_info(Kernel kernel, int device, int threads, int smem_bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, KernelInfo> cache;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  constexpr const char* fn = "w4_matmul_cuda";
+  KernelInfo info;
+  check_cuda(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), fn, "cudaDeviceGetAttribute");
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), fn, "cudaDeviceGetAttribute");
+  if (smem_bytes > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes), fn,
+               "cudaFuncSetAttribute");
+  }
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, threads, smem_bytes), fn,
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  cudaFuncAttributes attr{};
+  check_cuda(cudaFuncGetAttributes(&attr, kernel), fn, "cudaFuncGetAttributes");
+  info.clusters = major >= 9 && attr.binaryVersion >= 90;
+  info.blocks_per_sm = info.blocks_per_sm < 1 ? 1 : info.blocks_per_sm;
+  if (info.clusters) {
+    // 8 blocks is the portable cluster size; Hopper allows 16 when asked (small-N shapes want
+    // more K splits), if the occupancy calculator says a cluster of 16 fits.
+    info.max_cluster = 8;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(1, 1, 16);
+      cfg.blockDim = dim3(threads, 1, 1);
+      cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+      int largest = 0;
+      if (cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &cfg) == cudaSuccess && largest >= 16) {
+        info.max_cluster = 16;
+      }
+    }
+    cudaGetLastError();  // a refused non-portable size is not an error of ours
+  }
+  cache.emplace(key, info);
+  return info;
+}
+
+inline int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? 0 : std::atoi(v);
+}
+
+inline Params make_params(const W4Args& a) {
+  Params p;
+  p.x = a.x;
+  p.x_row_stride = a.x_row_stride;
+  p.w = static_cast<const uint4*>(a.packed_w);
+  p.s = a.packed_s;
+  p.bias = a.bias;
+  p.bias_dtype = a.bias_dtype;
+  p.out = a.out;
+  p.M = static_cast<int>(a.M);
+  p.N = static_cast<int>(a.N);
+  p.K = static_cast<int>(a.K);
+  p.n_rt = static_cast<int>(a.n_pad / 16);
+  p.nkb = static_cast<int>(a.k_pad / 64);
+  p.num_groups = static_cast<int>(a.num_groups);
+  int shift = 31;
+  if (a.num_groups > 1) {
+    shift = 0;
+    while ((int64_t{1} << shift) < a.group_size) ++shift;
+  }
+  p.gshift = shift;
+  return p;
+}
+
+// Splits of K (up to the cluster size limit, 16 on Hopper) so that one wave of blocks
+// covers the GPU; LOWBIT_CUDA_W4_SPLIT=S forces S (for tuning).
+inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
+  if (!info.clusters) return 1;
+  int forced = env_int("LOWBIT_CUDA_W4_SPLIT");
+  if (forced > 0) return std::max(1, std::min({forced, info.max_cluster, nkb}));
+  // About 4 blocks an SM (fewer if fewer fit): measured on an H100, more concurrent blocks
+  // (up to the 6 that fit) streamed the weights slower, fewer left bandwidth unused. The
+  // largest power of two not above that, at most the cluster limit, each split >= 2 k blocks.
+  const int64_t target = std::min<int64_t>(static_cast<int64_t>(info.sms) * info.blocks_per_sm,
+                                           static_cast<int64_t>(info.sms) * 4);
+  const int64_t cap = std::min<int64_t>({target / (tiles > 0 ? tiles : 1), info.max_cluster, nkb / 2});
+  int s = 1;
+  while (s * 2 <= cap) s *= 2;
+  return s;
+}
+
+template <int FMT, int DT, int R, int NT, int P>
+void launch_mma(const Params& p, cudaStream_t stream) {
+  auto kernel = w4_mma_kernel<FMT, DT, R, NT, P>;
+  constexpr int BN = 16 * R * kWarps, BM = 8 * NT;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  constexpr int smem = Smem<FMT, R, NT, P>::kBytes;
+  const KernelInfo info = kernel_info(kernel, device, kThreads, smem);
+  const int64_t tblocks = (p.M + BM - 1) / BM;
+  const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
+  LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
+  const int S = choose_split(info, tblocks * rblocks, p.nkb);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  cfg.attrs = attr;
+  cfg.numAttrs = 0;
+  if (S > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = static_cast<unsigned>(S);
+    cfg.numAttrs = 1;
+  }
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), "w4_matmul_cuda", "kernel launch");
+}
+
+}  // namespace
+
+// Tile configurations, by the number of tokens: the only ones compiled.
+template <int FMT, int DT>
+void w4_launch(const W4Args& a, cudaStream_t stream) {
+  const Params p = make_params(a);
+  // Ring depth P: int4 6 k blocks (36 KB of shared memory a block: 6 blocks an SM); nf4 4,
+  // next to its 32 KB table (52 KB: 4 blocks an SM).
+  constexpr int P1 = FMT == kW4NF4 ? 4 : 6;
+  if (p.M <= 8) {
+    launch_mma<FMT, DT, 2, 1, P1>(p, stream);
+  } else if (p.M <= 16) {
+    launch_mma<FMT, DT, 2, 2, P1>(p, stream);
+  } else {
+    launch_mma<FMT, DT, 2, 4, 4>(p, stream);
+  }
+}
+
+template <int FMT, int DT>
+void w4_dequant_launch(const W4Args& a, cudaStream_t stream) {
+  const Params p = make_params(a);
+  constexpr const char* fn = "w4_dequant_cuda";
+  int device = 0, sms = 1;
+  check_cuda(cudaGetDevice(&device), fn, "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), fn, "cudaDeviceGetAttribute");
+  const int64_t total = static_cast<int64_t>(p.n_rt) * p.nkb * 32;
+  const int64_t blocks = std::min<int64_t>((total + 511) / 512, static_cast<int64_t>(sms) * 8);
+  w4_dequant_kernel<FMT, DT><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), fn, "kernel launch");
+}
+
+}  // namespace w4
+}  // namespace cuda
+}  // namespace lowbit

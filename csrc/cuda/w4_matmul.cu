@@ -1,0 +1,64 @@
+// Host entry points of the 4-bit CUDA kernels: pointer/device checks, then the launch of the
+// instantiation for the format and activation dtype (csrc/cuda/w4_<fmt>_<dtype>.cu).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/w4_matmul.h"
+#include "cuda_kernels.h"
+#include "cuda_util.h"
+#include "w4_launch.h"
+
+namespace lowbit {
+namespace cuda {
+namespace {
+
+// Every pointer on one GPU; returns it.
+int common_device(const W4Args& a, const char* fn, bool dequant) {
+  const struct {
+    const void* p;
+    const char* name;
+  } ptrs[] = {{a.packed_w, "packed_w_ptr"}, {a.packed_s, "packed_s_ptr"}, {a.out, "out_ptr"},
+              {dequant ? nullptr : a.x, "x_ptr"}, {dequant ? nullptr : a.bias, "bias_ptr"}};
+  int device = -1;
+  const char* first = nullptr;
+  for (const auto& q : ptrs) {
+    if (q.p == nullptr) continue;
+    const int d = pointer_device(q.p, fn, q.name);
+    if (device < 0) {
+      device = d;
+      first = q.name;
+    }
+    LOWBIT_CHECK(d == device, fn, ": ", q.name, " is on cuda:", d, " but ", first, " is on cuda:", device);
+  }
+  return device;
+}
+
+template <bool Dequant>
+void dispatch(const W4Args& a, cudaStream_t s) {
+  using namespace w4;
+  const int key = a.fmt * 4 + a.act_dtype;
+  switch (key) {
+    case kW4Int4 * 4 + kFloat16: Dequant ? w4_dequant_launch<kW4Int4, kFloat16>(a, s) : w4_launch<kW4Int4, kFloat16>(a, s); break;
+    case kW4Int4 * 4 + kBFloat16: Dequant ? w4_dequant_launch<kW4Int4, kBFloat16>(a, s) : w4_launch<kW4Int4, kBFloat16>(a, s); break;
+    case kW4NF4 * 4 + kFloat16: Dequant ? w4_dequant_launch<kW4NF4, kFloat16>(a, s) : w4_launch<kW4NF4, kFloat16>(a, s); break;
+    default: Dequant ? w4_dequant_launch<kW4NF4, kBFloat16>(a, s) : w4_launch<kW4NF4, kBFloat16>(a, s); break;
+  }
+}
+
+}  // namespace
+
+void w4_matmul(const W4Args& a, uintptr_t stream) {
+  constexpr const char* fn = "w4_matmul_cuda";
+  DeviceGuard guard(common_device(a, fn, false), fn);
+  dispatch<false>(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void w4_dequant(const W4Args& a, uintptr_t stream) {
+  constexpr const char* fn = "w4_dequant_cuda";
+  DeviceGuard guard(common_device(a, fn, true), fn);
+  dispatch<true>(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace cuda
+}  // namespace lowbit

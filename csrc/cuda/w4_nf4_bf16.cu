@@ -1,0 +1,13 @@
+// The nf4 kernels for bf16 activations (see w4_kernels.cuh).
+#include "w4_kernels.cuh"
+
+namespace lowbit {
+namespace cuda {
+namespace w4 {
+
+template void w4_launch<kW4NF4, kBFloat16>(const W4Args&, cudaStream_t);
+template void w4_dequant_launch<kW4NF4, kBFloat16>(const W4Args&, cudaStream_t);
+
+}  // namespace w4
+}  // namespace cuda
+}  // namespace lowbit
