@@ -139,6 +139,7 @@ def test_reference_fallback_warns_once(monkeypatch):
     monkeypatch.delenv("LOWBIT_BACKEND", raising=False)
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(backends, "_NATIVE_MODULES", {})  # as in a build without native kernels
+    monkeypatch.setattr(backends, "_candidates", {})
     name = "int4_matmul"
     args = SMALL[name]()
     with warnings.catch_warnings(record=True) as caught:
@@ -155,3 +156,17 @@ def test_info_reports_every_op():
     assert all(b[-1] == "reference" for b in info["ops"]["cpu"].values())
     text = str(info)
     assert "native module: loaded" in text and "int4_matmul" in text
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_differs():
+    from lowbit import ops
+
+    args = SMALL["int4_matmul"]()
+    assert ops._eager_ok(args)
+    x = args[0].clone().requires_grad_()
+    assert not ops._eager_ok((x,) + args[1:])
+    with torch.no_grad():
+        assert ops._eager_ok((x,) + args[1:])
+    assert not ops._eager_ok((args[0].to("meta"),) + args[1:])
+    out = lowbit.ops.int4_matmul(*args)
+    assert torch.equal(out, torch.ops.lowbit.int4_matmul.default(*args))

@@ -50,6 +50,43 @@ def _full(name: str, args: tuple) -> tuple:
     return args + _DEFAULTS[name][len(args):]
 
 
+def _run(name: str, args: tuple) -> torch.Tensor:
+    """Validate a full argument tuple and run the selected backend's kernel."""
+    shape = _VALIDATE[name](*args)
+    if 0 in shape:
+        return args[0].new_zeros(shape)
+    return backends.run(name, args[0].device.type, *args)
+
+
+_VALIDATE = {name: getattr(_validate, name) for name in SCHEMAS}
+
+
+def _eager_ok(args: tuple) -> bool:
+    """True if a call may skip the torch dispatcher: plain tensors off the meta device, no
+    gradient wanted, and nothing (torch.compile, a tracing or dispatch mode) watching. The
+    dispatcher costs tens of microseconds a call, as much as a decode step's kernel."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if a.__class__ is torch.Tensor:
+            if (grad and a.requires_grad) or a.is_meta:
+                return False
+        elif isinstance(a, torch.Tensor):  # a subclass (FakeTensor, DTensor...): let torch decide
+            return False
+    return True
+
+
+def _call(name: str, *args):
+    """``torch.ops.lowbit.<name>`` with every argument given, or the same computation without
+    the dispatcher when :func:`_eager_ok` says nothing would differ."""
+    if _eager_ok(args):
+        return _run(name, args)
+    return getattr(torch.ops.lowbit, name).default(*args)
+
+
 def _define(name: str) -> None:
     validate = getattr(_validate, name)
     _lib.define(SCHEMAS[name])
@@ -57,11 +94,7 @@ def _define(name: str) -> None:
     _DEFAULTS[name] = tuple(a.default_value for a in schema.arguments)
 
     def impl(*args):
-        args = _full(name, args)
-        shape = validate(*args)
-        if any(s == 0 for s in shape):
-            return args[0].new_zeros(shape)
-        return backends.run(name, args[0].device.type, *args)
+        return _run(name, _full(name, args))
 
     def fake(*args):
         args = _full(name, args)
@@ -136,7 +169,7 @@ def int4_matmul(
     ``x`` is ``[..., K]`` in float16/bfloat16/float32; the result is ``[..., N]`` in ``x.dtype``.
     ``zeros=None`` means symmetric quantization (zero point 8).
     """
-    return torch.ops.lowbit.int4_matmul.default(x, qweight, scales, zeros, group_size, bias)
+    return _call("int4_matmul", x, qweight, scales, zeros, group_size, bias)
 
 
 def nf4_matmul(
@@ -155,7 +188,8 @@ def nf4_matmul(
     With double quantization ``absmax`` is uint8 and ``absmax_scale``/``absmax_code``/
     ``absmax_offset`` decode it; otherwise ``absmax`` is float32 and the others are None/0.
     """
-    return torch.ops.lowbit.nf4_matmul.default(
+    return _call(
+        "nf4_matmul",
         x, qweight, absmax, absmax_scale, absmax_code, float(absmax_offset), blocksize, out_features, bias
     )
 
@@ -172,7 +206,7 @@ def ternary_matmul(
     ``y = (x_q @ w_t.T) / (x_scale * weight_scale)`` with ``x_q, x_scale`` from
     ``lowbit.formats.ternary.quantize_activations``.
     """
-    return torch.ops.lowbit.ternary_matmul.default(x, qweight, weight_scale, out_features, bias)
+    return _call("ternary_matmul", x, qweight, weight_scale, out_features, bias)
 
 
 def sparse24_matmul(
@@ -182,7 +216,7 @@ def sparse24_matmul(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for a 2:4 semi-structured sparse weight (see ``lowbit.formats.sparse24``)."""
-    return torch.ops.lowbit.sparse24_matmul.default(x, values, meta, bias)
+    return _call("sparse24_matmul", x, values, meta, bias)
 
 
 def kv_attention(
@@ -202,4 +236,4 @@ def kv_attention(
     ``H_q`` must be a multiple of ``H_kv`` (GQA). ``causal`` masks bottom-right aligned:
     query ``i`` sees keys ``j <= i + S_kv - S_q``. ``scale`` defaults to ``D ** -0.5``.
     """
-    return torch.ops.lowbit.kv_attention.default(q, k, k_scale, k_zero, v, v_scale, v_zero, causal, scale)
+    return _call("kv_attention", q, k, k_scale, k_zero, v, v_scale, v_zero, causal, scale)

@@ -76,9 +76,28 @@ def forced_backend() -> str | None:
     return forced
 
 
+# (op, device type) -> [(backend, kernel, supports predicate or None)] for the unforced rule:
+# the modules and attributes are looked up once, not at every call.
+_candidates: dict[tuple[str, str], list[tuple[str, Callable, Callable | None]]] = {}
+
+
+def _candidates_for(op: str, device_type: str) -> list[tuple[str, Callable, Callable | None]]:
+    key = (op, device_type)
+    found = _candidates.get(key)
+    if found is None:
+        found = []
+        for backend in ("native", "triton"):
+            mod = _backend_module(backend, device_type)
+            fn = None if mod is None else getattr(mod, op, None)
+            if fn is not None:
+                found.append((backend, fn, getattr(mod, f"supports_{op}", None)))
+        _candidates[key] = found
+    return found
+
+
 def select(op: str, device_type: str, args: tuple) -> tuple[str, Callable]:
     """Return ``(backend name, kernel)`` for one call of ``op`` on ``device_type``."""
-    forced = forced_backend()
+    forced = forced_backend() if ENV_VAR in os.environ else None
     if forced is not None:
         fn = _kernel(forced, op, device_type, args)
         if fn is None:
@@ -87,9 +106,8 @@ def select(op: str, device_type: str, args: tuple) -> tuple[str, Callable]:
                 f"{device_type} (see lowbit.info())"
             )
         return forced, fn
-    for backend in ("native", "triton"):
-        fn = _kernel(backend, op, device_type, args)
-        if fn is not None:
+    for backend, fn, supports in _candidates_for(op, device_type):
+        if supports is None or supports(*args):
             return backend, fn
     if (op, device_type) not in _warned:
         _warned.add((op, device_type))
