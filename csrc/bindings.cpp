@@ -19,6 +19,7 @@
 #include "common/kv_attention.h"
 #include "common/ternary_matmul.h"
 #include "common/w4_matmul.h"
+#include "common/sparse24_matmul.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/isa.h"
 #include "lowbit_build_config.h"
@@ -66,6 +67,29 @@ void int4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr
   LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "int4_matmul_cpu: num_threads=", num_threads,
                " must be in [1, 4096]");
   cpu::int4_matmul(a, static_cast<int>(num_threads));
+}
+
+void sparse24_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t values_ptr, int values_dtype,
+                         uintptr_t meta_ptr, uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype,
+                         int64_t M, int64_t N, int64_t K, int64_t num_threads) {
+  Sparse24MatmulArgs a;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_dtype = x_dtype;
+  a.x_row_stride = x_row_stride;
+  a.values = reinterpret_cast<const void*>(values_ptr);
+  a.values_dtype = values_dtype;
+  a.meta = reinterpret_cast<const uint8_t*>(meta_ptr);
+  a.bias = reinterpret_cast<const void*>(bias_ptr);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_dtype = out_dtype;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  check_sparse24_matmul_args("sparse24_matmul_cpu", a);
+  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "sparse24_matmul_cpu: num_threads=", num_threads,
+               " must be in [1, 4096]");
+  cpu::sparse24_matmul(a, static_cast<int>(num_threads));
 }
 
 using Strides3 = std::array<int64_t, 3>;  // (batch, head, token) strides in elements
@@ -280,6 +304,12 @@ PYBIND11_MODULE(_C, m) {
         "out[M, N] = (x_q @ w_t^T) / (x_scale * weight_scale) (+ bias) on the CPU (BitNet b1.58): x\n"
         "quantized per row to int8 by absmax, qweight [ceil(N/4), K] in the Hugging Face 2-bit packing,\n"
         "weight_scale float32 [1] or [N], bias [N] (0 = absent), out [M, N] contiguous; integer products.");
+  m.def("sparse24_matmul_cpu", &lowbit::sparse24_matmul_cpu, py::call_guard<py::gil_scoped_release>(),
+        "x_ptr"_a, "x_dtype"_a, "x_row_stride"_a, "values_ptr"_a, "values_dtype"_a, "meta_ptr"_a, "bias_ptr"_a,
+        "bias_dtype"_a, "out_ptr"_a, "out_dtype"_a, "M"_a, "N"_a, "K"_a, "num_threads"_a,
+        "out[M, N] = x[M, K] @ W^T (+ bias) for a 2:4 sparse W (values [N, K/2], meta uint8 [N, K/8]) on\n"
+        "the CPU, fp32 accumulation. Pointers are addresses (0 = absent, allowed for bias only); x rows\n"
+        "start every x_row_stride elements; values, meta, bias [N], out [M, N] contiguous; K % 8 == 0.");
 #if defined(LOWBIT_WITH_CUDA)
   m.def("int4_matmul_cuda", &lowbit::int4_matmul_cuda, py::call_guard<py::gil_scoped_release>(),
         "x_ptr"_a, "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "scales_ptr"_a, "scales_dtype"_a,

@@ -8,6 +8,7 @@
 #include "../common/int4_matmul.h"
 #include "../common/kv_attention.h"
 #include "../common/ternary_matmul.h"
+#include "../common/sparse24_matmul.h"
 
 namespace lowbit {
 namespace cpu {
@@ -24,6 +25,10 @@ void kv_attention(const KvAttentionArgs& args, int num_threads);
 // y = (x_q @ w_t^T) / (x_scale * weight_scale) (+ bias), BitNet b1.58; see
 // common/ternary_matmul.h. The arguments must have passed check_ternary_matmul_args.
 void ternary_matmul(const TernaryMatmulArgs& args, int num_threads);
+
+// y = x @ W^T (+ bias) for a 2:4 sparse W; see common/sparse24_matmul.h. The arguments must
+// have passed check_sparse24_matmul_args. Uses up to num_threads (>= 1) threads.
+void sparse24_matmul(const Sparse24MatmulArgs& args, int num_threads);
 
 // Instruction-set features of the running CPU, detected at run time. Every key is present
 // on every platform (false where it does not apply), in a fixed order.

@@ -14,7 +14,9 @@ from .native_args import (
     kv_attention_supported,
     prepare_int4,
     prepare_kv_attention,
+    prepare_sparse24,
     prepare_ternary,
+    sparse24_supported,
     ternary_supported,
 )
 
@@ -86,4 +88,22 @@ def ternary_matmul(
     call = prepare_ternary(x, qweight, weight_scale, out_features, bias, fn="lowbit.backends.cpu.ternary_matmul")
     if not call.empty:
         _native.C.ternary_matmul_cpu(*call.args(), max(1, torch.get_num_threads()))
+    return call.result()
+
+
+def supports_sparse24_matmul(x, values, meta, bias=None) -> bool:
+    """True if the native CPU kernel takes this call (CPU tensors, float16/bfloat16/float32)."""
+    return _native.has("sparse24_matmul_cpu") and sparse24_supported("cpu", x, values, meta, bias)
+
+
+def sparse24_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a 2:4 sparse ``W`` with the C++ kernel, on torch's intra-op thread count."""
+    call = prepare_sparse24(x, values, meta, bias, fn="lowbit.backends.cpu.sparse24_matmul")
+    if not call.empty:
+        _native.C.sparse24_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
     return call.result()

@@ -1,0 +1,917 @@
+// CPU kernels for sparse24_matmul (2:4 sparse weights), compiled once per instruction set
+// (see isa.h). They read the checkpoint layout directly (no repack).
+//
+// Two families, both threaded over N (output features) with parallel_for:
+//
+// 1. Gather kernels (small M, decode). A tile of kNR = 4 weight rows is walked along K against
+//    up to kMR = 4 rows of x at once. For each block of columns the 2-bit in-group indices of
+//    the meta bytes are turned into permutation indices with a few vector ops (broadcast the
+//    meta word, per-lane variable shift, `& 3 | 4 * group`), and x is gathered from a window
+//    held in two registers with one permute, then multiplied by the stored values:
+//      * AVX-512, fp32 math: 32 columns (16 values, 4 meta bytes) per step,
+//        `vpermt2ps` over a 32-float window, `vfmadd`;
+//      * AVX512_BF16 (x and values both bf16): 64 columns (32 values, 8 meta bytes) per step,
+//        `vpshufb` + `vpsrlvw` decode, `vpermt2w` over a 64-bf16 window, `vdpbf16ps` (fp32
+//        accumulation of exact bf16 products);
+//      * AVX2: 16 columns (8 values) per step, two `vpermps` + a fixed blend, `vfmadd`;
+//      * NEON: 8 columns (4 values) per step, the 4 x values picked by index, `vfmaq_f32`;
+//      * scalar: plain C++, 8 partial sums (the behaviour of record).
+//    The weight stream is read once; x stays in L1/L2. At M = 1 this is memory-bound.
+//
+// 2. Outer-product kernels (larger M; AVX-512 and AVX2). x is blocked into kMC-row blocks and
+//    kKG-group (4 * kKG column) blocks. For each block a thread builds a table from x in which
+//    the x operand of every stored weight is one aligned vector of kMC/… rows:
+//      * bf16 (AVX512_BF16): XP[g][nib][m] = the bf16 pair (x[m, 4g + (nib & 3)],
+//        x[m, 4g + (nib >> 2)]) for all 16 nibbles, so a stored value pair (one dword of
+//        `values`) times 16 rows of x is one `vdpbf16ps` with a broadcast weight dword and the
+//        table vector chosen by the nibble (no shuffles in the inner loop);
+//      * fp32: XT[c][m] = x[m, c] (x transposed), one broadcast value times one table vector
+//        per `vfmadd`.
+//    A micro-tile of kNR_* weight rows x kMV vectors of x rows keeps its accumulators in
+//    registers over a K block; partial sums live in a per-thread [rows, kMC] fp32 buffer.
+//    The multiply count is half of a dense GEMM's, which is what lets it keep up with
+//    torch's dense bf16 GEMM at large M.
+//
+// Every path computes sum_g v0 * x[4g + (nib & 3)] + v1 * x[4g + (nib >> 2)] for whatever the
+// nibble holds, so illegal metadata gives a defined (meaningless) result, never an
+// out-of-bounds read. fp32 activations are computed in fp32 (values widened exactly); bf16
+// products (vdpbf16ps) are used only when x and values are both bf16. Results do not depend
+// on the thread count.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../common/sparse24_matmul.h"
+#include "isa.h"
+#include "parallel.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define LOWBIT_S24_AVX512 1
+#endif
+#if defined(LOWBIT_S24_AVX512) && defined(__AVX512BF16__)
+#define LOWBIT_S24_BF16 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(LOWBIT_S24_AVX512)
+#define LOWBIT_S24_AVX2 1
+#endif
+
+namespace lowbit {
+namespace cpu {
+namespace {
+
+constexpr int kNR = 4;                          // weight rows per gather tile
+constexpr int kMR = 4;                          // x rows per gather pass
+constexpr int64_t kMinWorkPerThread = 1 << 18;  // stored-value multiply-adds below which a thread is not worth it
+constexpr int64_t kMinChunkTiles = 8;           // gather: weight tiles per work item, at least
+constexpr int kGatherPrefetchBytes = 512;       // gather: prefetch distance along each weight row's values
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float sum8(const float* p) {  // fixed order
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// sum over groups [g0, g1) of row n: v0 * x[4g + (nib & 3)] + v1 * x[4g + (nib >> 2)], with x a
+// row of dtype XD and values of dtype VD (compile-time, so load_as_float's switch folds away).
+template <int XD, int VD>
+float dot_groups(const Sparse24MatmulArgs& a, int64_t n, const void* xrow, int64_t g0, int64_t g1) {
+  const uint8_t* meta = a.meta + n * (a.K / 8);
+  const int64_t voff = n * (a.K / 2);
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t g = g0; g < g1; ++g) {
+    const unsigned nib = (meta[g >> 1] >> ((g & 1) * 4)) & 15u;
+    const float v0 = load_as_float(a.values, voff + 2 * g, VD);
+    const float v1 = load_as_float(a.values, voff + 2 * g + 1, VD);
+    const float x0 = load_as_float(xrow, 4 * g + (nib & 3u), XD);
+    const float x1 = load_as_float(xrow, 4 * g + (nib >> 2), XD);
+    part[g & 7] += v0 * x0 + v1 * x1;
+  }
+  return sum8(part);
+}
+
+// ------------------------------------------------------------------------------------------
+// Gather tiles: out[i][r] = dot(weight row rows[i], x row xr[r]) over all K, i < kNR, r < R.
+
+// The portable tile (scalar build, and the NEON one's template): plain C++.
+template <int R, int VD>
+void gather_tile_scalar(const Sparse24MatmulArgs& a, const int64_t* rows, const float* const* xr,
+                        float (*out)[kMR]) {
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) out[i][r] = dot_groups<kFloat32, VD>(a, rows[i], xr[r], 0, a.K / 4);
+}
+
+#if defined(LOWBIT_S24_AVX512)
+template <int VD>
+inline __m512 load16_values(const void* v, int64_t i) {  // 16 values from index i, widened exactly
+  if constexpr (VD == kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(v) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + i));
+    if constexpr (VD == kBFloat16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+// 32 columns per step: lane j (value j: group j/2, slot j&1) takes x[k + 4 * (j >> 1) + ((meta32 >> 2j) & 3)].
+template <int R, int VD>
+void gather_tile(const Sparse24MatmulArgs& a, const int64_t* rows, const float* const* xr, float (*out)[kMR]) {
+  const int64_t K = a.K;
+  const uint8_t* mp[kNR];
+  int64_t voff[kNR];
+  for (int i = 0; i < kNR; ++i) {
+    mp[i] = a.meta + rows[i] * (K / 8);
+    voff[i] = rows[i] * (K / 2);
+  }
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[kNR][R];
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i idx[kNR];
+    __m512 w[kNR];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNR; ++i) {
+      _mm_prefetch(static_cast<const char*>(a.values) + (voff[i] + k / 2) * dtype_size(VD) + kGatherPrefetchBytes,
+                   _MM_HINT_T0);
+      if ((k & 511) == 0) _mm_prefetch(reinterpret_cast<const char*>(mp[i] + k / 8) + 128, _MM_HINT_T0);
+      const __m512i m = _mm512_set1_epi32(static_cast<int>(load_u32(mp[i] + k / 8)));
+      idx[i] = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(m, shifts), three, base, 0xEA);  // (m & 3) | base
+      w[i] = load16_values<VD>(a.values, voff[i] + k / 2);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 xlo = _mm512_loadu_ps(xr[r] + k);
+      const __m512 xhi = _mm512_loadu_ps(xr[r] + k + 16);
+#pragma GCC unroll 4
+      for (int i = 0; i < kNR; ++i)
+        acc[i][r] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xlo, idx[i], xhi), w[i], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) {
+      float y = _mm512_reduce_add_ps(acc[i][r]);
+      if (k < K) y += dot_groups<kFloat32, VD>(a, rows[i], xr[r], k / 4, K / 4);
+      out[i][r] = y;
+    }
+}
+#elif defined(LOWBIT_S24_AVX2)
+template <int VD>
+inline __m256 load8_values(const void* v, int64_t i) {
+  if constexpr (VD == kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(v) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + i));
+    if constexpr (VD == kBFloat16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// 16 columns per step: lanes 0-3 (groups 0, 1) come from columns 0-7, lanes 4-7 from 8-15,
+// so two in-register vpermps (index mod 8) and a fixed blend gather them.
+template <int R, int VD>
+void gather_tile(const Sparse24MatmulArgs& a, const int64_t* rows, const float* const* xr, float (*out)[kMR]) {
+  const int64_t K = a.K;
+  const uint8_t* mp[kNR];
+  int64_t voff[kNR];
+  for (int i = 0; i < kNR; ++i) {
+    mp[i] = a.meta + rows[i] * (K / 8);
+    voff[i] = rows[i] * (K / 2);
+  }
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 acc[kNR][R];
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i idx[kNR];
+    __m256 w[kNR];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNR; ++i) {
+      if ((k & 63) == 0) {
+        _mm_prefetch(static_cast<const char*>(a.values) + (voff[i] + k / 2) * dtype_size(VD) + kGatherPrefetchBytes,
+                     _MM_HINT_T0);
+        if ((k & 511) == 0) _mm_prefetch(reinterpret_cast<const char*>(mp[i] + k / 8) + 128, _MM_HINT_T0);
+      }
+      uint16_t m16;
+      std::memcpy(&m16, mp[i] + k / 8, 2);
+      const __m256i m = _mm256_set1_epi32(m16);
+      idx[i] = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(m, shifts), three), base);
+      w[i] = load8_values<VD>(a.values, voff[i] + k / 2);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 xlo = _mm256_loadu_ps(xr[r] + k);
+      const __m256 xhi = _mm256_loadu_ps(xr[r] + k + 8);
+#pragma GCC unroll 4
+      for (int i = 0; i < kNR; ++i) {
+        const __m256 g = _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo, idx[i]),
+                                         _mm256_permutevar8x32_ps(xhi, idx[i]), 0xF0);
+        acc[i][r] = _mm256_fmadd_ps(g, w[i], acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) {
+      float y = hsum8(acc[i][r]);
+      if (k < K) y += dot_groups<kFloat32, VD>(a, rows[i], xr[r], k / 4, K / 4);
+      out[i][r] = y;
+    }
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+template <int VD>
+inline float32x4_t load4_values(const void* v, int64_t i) {
+  if constexpr (VD == kFloat32) {
+    return vld1q_f32(static_cast<const float*>(v) + i);
+  } else if constexpr (VD == kBFloat16) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(static_cast<const uint16_t*>(v) + i), 16));
+  } else {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(static_cast<const uint16_t*>(v) + i)));
+  }
+}
+
+// 8 columns (one meta byte, 4 values) per step; the 4 x values are picked by index.
+template <int R, int VD>
+void gather_tile(const Sparse24MatmulArgs& a, const int64_t* rows, const float* const* xr, float (*out)[kMR]) {
+  const int64_t K = a.K;
+  float32x4_t acc[kNR][R];
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = vdupq_n_f32(0.0f);
+  for (int i = 0; i < kNR; ++i) {
+    const uint8_t* mp = a.meta + rows[i] * (K / 8);
+    const int64_t voff = rows[i] * (K / 2);
+    for (int64_t k = 0; k < K; k += 8) {
+      const unsigned mb = mp[k / 8];
+      const int64_t c0 = k + (mb & 3u), c1 = k + ((mb >> 2) & 3u);
+      const int64_t c2 = k + 4 + ((mb >> 4) & 3u), c3 = k + 4 + (mb >> 6);
+      const float32x4_t w = load4_values<VD>(a.values, voff + k / 2);
+      for (int r = 0; r < R; ++r) {
+        const float* x = xr[r];
+        const float tmp[4] = {x[c0], x[c1], x[c2], x[c3]};
+        acc[i][r] = vfmaq_f32(acc[i][r], vld1q_f32(tmp), w);
+      }
+    }
+  }
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) out[i][r] = vaddvq_f32(acc[i][r]);
+}
+#else
+template <int R, int VD>
+void gather_tile(const Sparse24MatmulArgs& a, const int64_t* rows, const float* const* xr, float (*out)[kMR]) {
+  gather_tile_scalar<R, VD>(a, rows, xr, out);
+}
+#endif
+
+#if defined(LOWBIT_S24_BF16)
+alignas(64) constexpr uint8_t kBf16MetaByte[64] = {  // byte b of the zmm -> meta byte (b / 2) / 4
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7};
+alignas(64) constexpr uint16_t kBf16Shift[32] = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6,
+                                                 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+alignas(64) constexpr uint16_t kBf16Base[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20, 20, 24, 24, 28, 28,
+                                                32, 32, 36, 36, 40, 40, 44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }  // a bit cast (same-size vector types)
+
+// x and values bf16: 64 columns (32 values, 8 meta bytes) per step; word j of the gathered
+// vector is x[k + 4 * (j >> 1) + ((meta64 >> 2j) & 3)], paired with value j by vdpbf16ps.
+template <int R>
+void gather_tile_bf16(const Sparse24MatmulArgs& a, const int64_t* rows, const uint16_t* const* xr,
+                      float (*out)[kMR]) {
+  const int64_t K = a.K;
+  const uint16_t* values = static_cast<const uint16_t*>(a.values);
+  const uint8_t* mp[kNR];
+  const uint16_t* vp[kNR];
+  for (int i = 0; i < kNR; ++i) {
+    mp[i] = a.meta + rows[i] * (K / 8);
+    vp[i] = values + rows[i] * (K / 2);
+  }
+  const __m512i ctrl = _mm512_load_si512(kBf16MetaByte);
+  const __m512i shifts = _mm512_load_si512(kBf16Shift);
+  const __m512i base = _mm512_load_si512(kBf16Base);
+  const __m512i three = _mm512_set1_epi16(3);
+  __m512 acc[kNR][R];
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i idx[kNR];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNR; ++i) {
+      // Four rows are four streams; help the hardware prefetcher keep enough lines in flight.
+      _mm_prefetch(reinterpret_cast<const char*>(vp[i] + k / 2) + kGatherPrefetchBytes, _MM_HINT_T0);
+      if ((k & 511) == 0) _mm_prefetch(reinterpret_cast<const char*>(mp[i] + k / 8) + 128, _MM_HINT_T0);
+      __m512i m = _mm512_set1_epi64(static_cast<long long>(load_u64(mp[i] + k / 8)));
+      m = _mm512_srlv_epi16(_mm512_shuffle_epi8(m, ctrl), shifts);
+      idx[i] = _mm512_ternarylogic_epi32(m, three, base, 0xEA);  // (m & 3) | base
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m512i xlo = _mm512_loadu_si512(xr[r] + k);
+      __m512i xhi = _mm512_loadu_si512(xr[r] + k + 32);
+      // Keep the window in registers: without this GCC reloads it for every weight row (the
+      // permute overwrites one source), which doubles the L1/L2 traffic.
+#if defined(__GNUC__)
+      __asm__("" : "+v"(xlo), "+v"(xhi));
+#endif
+#pragma GCC unroll 4
+      for (int i = 0; i < kNR; ++i) {
+        const __m512i g = _mm512_permutex2var_epi16(xlo, idx[i], xhi);
+        acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(g), as_bh(_mm512_loadu_si512(vp[i] + k / 2)));
+      }
+    }
+  }
+  for (int i = 0; i < kNR; ++i)
+    for (int r = 0; r < R; ++r) {
+      float y = _mm512_reduce_add_ps(acc[i][r]);
+      if (k < K) y += dot_groups<kBFloat16, kBFloat16>(a, rows[i], xr[r], k / 4, K / 4);
+      out[i][r] = y;
+    }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Gather driver: work items are chunks of kNR-row tiles; each tile runs against x in passes
+// of up to kMR rows. `xrows` are M row pointers (fp32 rows, or bf16 rows for the bf16 tile).
+
+struct GatherPlan {
+  int64_t tiles, chunk_tiles, chunks;
+  int threads;
+};
+
+GatherPlan make_gather_plan(const Sparse24MatmulArgs& a, int num_threads) {
+  GatherPlan p{};
+  p.tiles = (a.N + kNR - 1) / kNR;
+  const double work = static_cast<double>(a.M) * static_cast<double>(a.N) * static_cast<double>(a.K / 2);
+  int64_t t = std::max(1, num_threads);
+  t = std::min<int64_t>(t, std::max<int64_t>(1, static_cast<int64_t>(work / kMinWorkPerThread)));
+  t = std::min<int64_t>(t, std::max<int64_t>(1, p.tiles / kMinChunkTiles));
+  p.threads = static_cast<int>(t);
+  p.chunk_tiles = t == 1 ? p.tiles : std::max<int64_t>(kMinChunkTiles, p.tiles / (8 * t));
+  p.chunks = (p.tiles + p.chunk_tiles - 1) / p.chunk_tiles;
+  return p;
+}
+
+inline void store_out(const Sparse24MatmulArgs& a, int64_t m, int64_t n, float y) {
+  if (a.bias) y += load_as_float(a.bias, n, a.bias_dtype);
+  store_from_float(a.out, m * a.N + n, a.out_dtype, y);
+}
+
+// tile(rows, xr, R, out) computes one kNR x R block.
+template <class XT, class TileFn>
+void run_gather(const Sparse24MatmulArgs& a, int num_threads, const XT* const* xrows, const TileFn& tile) {
+  const GatherPlan p = make_gather_plan(a, num_threads);
+  parallel_for(p.chunks, p.threads, [&](int64_t c, int) {
+    const int64_t t_end = std::min(p.tiles, (c + 1) * p.chunk_tiles);
+    for (int64_t t = c * p.chunk_tiles; t < t_end; ++t) {
+      const int64_t n0 = t * kNR;
+      const int64_t nr = std::min<int64_t>(kNR, a.N - n0);
+      int64_t rows[kNR];
+      for (int i = 0; i < kNR; ++i) rows[i] = std::min(n0 + i, a.N - 1);  // a short tile repeats its last row
+      for (int64_t m0 = 0; m0 < a.M; m0 += kMR) {
+        const int R = static_cast<int>(std::min<int64_t>(kMR, a.M - m0));
+        float out[kNR][kMR];
+        tile(rows, xrows + m0, R, out);
+        for (int64_t i = 0; i < nr; ++i)
+          for (int r = 0; r < R; ++r) store_out(a, m0 + r, n0 + i, out[i][r]);
+      }
+    }
+  });
+}
+
+template <template <int, int> class F, int VD>
+struct DispatchR {
+  template <class... Args>
+  static void run(int R, Args&&... args) {
+    switch (R) {
+      case 1: F<1, VD>::call(args...); break;
+      case 2: F<2, VD>::call(args...); break;
+      case 3: F<3, VD>::call(args...); break;
+      default: F<4, VD>::call(args...); break;
+    }
+  }
+};
+
+template <int R, int VD>
+struct GatherTileF32 {
+  static void call(const Sparse24MatmulArgs& a, const int64_t* rows, const float* const* xr, float (*out)[kMR]) {
+#if LOWBIT_ISA_LEVEL == LOWBIT_ISA_SCALAR
+    gather_tile_scalar<R, VD>(a, rows, xr, out);
+#else
+    gather_tile<R, VD>(a, rows, xr, out);
+#endif
+  }
+};
+
+// fp32 math: x rows as fp32 (converted once, if needed), any values dtype.
+template <int VD>
+void run_gather_f32(const Sparse24MatmulArgs& a, int num_threads, const float* const* xrows) {
+  run_gather(a, num_threads, xrows, [&](const int64_t* rows, const float* const* xr, int R, float(*out)[kMR]) {
+    DispatchR<GatherTileF32, VD>::run(R, a, rows, xr, out);
+  });
+}
+
+#if defined(LOWBIT_S24_BF16)
+template <int R, int VD>
+struct GatherTileBf16 {
+  static void call(const Sparse24MatmulArgs& a, const int64_t* rows, const uint16_t* const* xr, float (*out)[kMR]) {
+    gather_tile_bf16<R>(a, rows, xr, out);
+  }
+};
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Outer-product kernels (x blocked into a table; see the header comment).
+//
+// Per work item (a range of weight rows and of x rows), for each K block of kKG groups:
+//   1. pack: the rows' weights of this K block are copied once into a per-thread panel in the
+//      order the micro-kernel reads them, [tile][group][row of tile], each entry holding the
+//      byte offset(s) of the table slot(s) the group's nibble selects and the value(s). The
+//      checkpoint rows are read in short runs (a few hundred bytes of each of many rows), which
+//      the hardware prefetchers do not follow, so the packing loop prefetches rows ahead; the
+//      micro-kernel then streams the panel from L2 and spends no work on the nibbles.
+//   2. for each block of kMC x rows: build the table from x, then run every tile of the
+//      panel against it, partial sums in a per-thread [x block][row][kMC] buffer read and
+//      written in sequence.
+
+#if defined(LOWBIT_S24_AVX512) || defined(LOWBIT_S24_AVX2)
+
+constexpr int kPackPrefetchRows = 16;  // pack: prefetch the weights of the row this far ahead
+
+inline void prefetch_row(const Sparse24MatmulArgs& a, int vbytes, int64_t n, int64_t g0, int64_t ng) {
+  const char* v = static_cast<const char*>(a.values) + n * (a.K / 2) * vbytes + 2 * g0 * vbytes;
+  const int64_t len = 2 * ng * vbytes;
+  for (int64_t b = 0; b < len; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+  _mm_prefetch(v + len - 1, _MM_HINT_T0);
+  const char* m = reinterpret_cast<const char*>(a.meta) + n * (a.K / 8) + g0 / 2;
+  _mm_prefetch(m, _MM_HINT_T0);
+  _mm_prefetch(m + ng / 2 - 1, _MM_HINT_T0);
+}
+
+constexpr int64_t kChunkTiles = 32;  // outer-product: weight tiles per work item
+constexpr int64_t kMaxMRange = 512;  // outer-product: x rows per work item, at most
+
+struct OuterPlan {
+  int64_t chunk_rows, nchunks, mrange, nmranges;
+  int threads;
+};
+
+OuterPlan make_outer_plan(const Sparse24MatmulArgs& a, int num_threads, int64_t nr, int64_t mc) {
+  OuterPlan p{};
+  const double work = static_cast<double>(a.M) * static_cast<double>(a.N) * static_cast<double>(a.K / 2);
+  int64_t t = std::max(1, num_threads);
+  t = std::min<int64_t>(t, std::max<int64_t>(1, static_cast<int64_t>(work / kMinWorkPerThread)));
+  const int64_t ntiles = (a.N + nr - 1) / nr;
+  p.chunk_rows = std::min(kChunkTiles, std::max<int64_t>(1, ntiles / t)) * nr;
+  p.nchunks = (a.N + p.chunk_rows - 1) / p.chunk_rows;
+  p.mrange = std::min<int64_t>((a.M + mc - 1) / mc * mc, kMaxMRange);
+  if (p.nchunks < t) p.mrange = std::max(mc, (a.M + t - 1) / t + mc - 1) / mc * mc;  // share out x rows too
+  p.nmranges = (a.M + p.mrange - 1) / p.mrange;
+  p.threads = static_cast<int>(std::min<int64_t>(t, p.nchunks * p.nmranges));
+  return p;
+}
+
+// The driver, shared by the bf16 (XP) and fp32 (XT) kernels. A work item is a chunk of weight
+// rows (up to kChunkTiles tiles) and a range of x rows (up to kMaxMRange): the packed panel
+// (chunk rows x KP groups) and the partial sums (chunk rows x x-range) stay in L2, the table
+// (KG groups x MC x rows) in L1; the chunk's weights are read from memory once, in runs of
+// KP groups. K provides NR, MC, W, VBYTES, KG (groups per table), KP (groups per packed panel,
+// a multiple of KG), WORDS (32-bit words of a packed entry), table_bytes(),
+//   pack_row(a, n, g0, ng, uint32_t* dst) -> bool: row n's entries for groups [g0, g0 + ng),
+//     word j of group g0 + g at dst[j * KP + g], slot offsets relative to the group's table
+//     (group g0 + g is at (g % KG) in it); true if the table needs its extra slots;
+//   prepare(a, num_threads, buf) -> const void*: x rearranged once per call (shared, read-only);
+//   build(a, xs, m0, mrows, g0, ng, extra, table): the table of x rows [m0, m0 + mrows) and
+//     groups [g0, g0 + ng), from the prepared x `xs`;
+//   tile(mv, panel, ng, table, c, first): one tile over ng groups (its row i at panel + i * WORDS * KP).
+template <class K>
+void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
+  static_assert(K::KP % K::KG == 0, "a packed panel holds whole tables");
+  std::vector<uint8_t> xbuf;
+  const void* xs = K::prepare(a, num_threads, xbuf);
+  const OuterPlan p = make_outer_plan(a, num_threads, K::NR, K::MC);
+  const int64_t rows_pad = p.chunk_rows + K::NR;
+  constexpr int64_t kRowWords = K::WORDS * K::KP;
+  struct Scratch {
+    std::vector<uint32_t> panel;
+    std::vector<uint8_t> table;
+    std::vector<float> cpart;
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(p.threads));
+  for (Scratch& s : scratch) {
+    s.panel.resize(static_cast<size_t>(rows_pad * kRowWords));
+    s.table.resize(static_cast<size_t>(K::table_bytes() + 64));
+    s.cpart.resize(static_cast<size_t>(p.mrange * rows_pad));
+  }
+  const int64_t G = a.K / 4;
+  parallel_for(p.nchunks * p.nmranges, p.threads, [&](int64_t task, int thread) {
+    Scratch& s = scratch[static_cast<size_t>(thread)];
+    const int64_t n_begin = (task % p.nchunks) * p.chunk_rows;
+    const int64_t n_end = std::min(a.N, n_begin + p.chunk_rows);
+    const int64_t m_begin = (task / p.nchunks) * p.mrange;
+    const int64_t m_end = std::min(a.M, m_begin + p.mrange);
+    const int64_t tiles = (n_end - n_begin + K::NR - 1) / K::NR;
+    uint8_t* table = s.table.data() + ((64 - reinterpret_cast<uintptr_t>(s.table.data()) % 64) % 64);
+    for (int64_t gp = 0; gp < G; gp += K::KP) {
+      const int64_t npg = std::min<int64_t>(K::KP, G - gp);
+      bool extra = false;
+      for (int64_t row = 0; row < tiles * K::NR; ++row) {
+        if (n_begin + row + kPackPrefetchRows < n_end)
+          prefetch_row(a, K::VBYTES, n_begin + row + kPackPrefetchRows, gp, npg);
+        const int64_t n = std::min(n_begin + row, n_end - 1);  // a short last tile repeats its last row
+        extra |= K::pack_row(a, n, gp, npg, s.panel.data() + row * kRowWords);
+      }
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += K::MC) {
+        const int64_t mrows = std::min<int64_t>(K::MC, m_end - m0);
+        const int mv = static_cast<int>((mrows + K::W - 1) / K::W);
+        float* c = s.cpart.data() + (m0 - m_begin) * rows_pad;  // [rows_pad][MC] per x block
+        for (int64_t gx = 0; gx < npg; gx += K::KG) {
+          const int64_t ng = std::min<int64_t>(K::KG, npg - gx);
+          K::build(a, xs, m0, mrows, gp + gx, ng, extra, table);
+          for (int64_t t = 0; t < tiles; ++t)
+            K::tile(mv, s.panel.data() + t * K::NR * kRowWords + gx, ng, table, c + t * K::NR * K::MC,
+                    gp + gx == 0);
+        }
+      }
+    }
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += K::MC) {
+      const float* c = s.cpart.data() + (m0 - m_begin) * rows_pad;
+      const int64_t mrows = std::min<int64_t>(K::MC, m_end - m0);
+      for (int64_t n = n_begin; n < n_end; ++n)
+        for (int64_t m = 0; m < mrows; ++m) store_out(a, m0 + m, n, c[(n - n_begin) * K::MC + m]);
+    }
+  });
+}
+
+// xt[g][m] (m < Mpad = M rounded up to 16, rows past M zero) = the E-byte piece of x row m that
+// group g covers (E = 8: 4 bf16; E = 16: 4 fp32). fp32 pieces are x converted from XD.
+template <int XD, int E>
+const void* transpose_groups(const Sparse24MatmulArgs& a, int num_threads, std::vector<uint8_t>& buf) {
+  const int64_t G = a.K / 4, mpad = (a.M + 15) / 16 * 16;
+  buf.resize(static_cast<size_t>(G * mpad * E + 64));
+  uint8_t* xt = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64);
+  constexpr int64_t kGroupsPerTask = 64;
+  const int64_t tasks = (G + kGroupsPerTask - 1) / kGroupsPerTask;
+  const int t = threads_for(static_cast<double>(a.M) * static_cast<double>(a.K), 1 << 20, num_threads);
+  parallel_for(tasks, t, [&](int64_t task, int) {
+    const int64_t g_end = std::min(G, (task + 1) * kGroupsPerTask);
+    for (int64_t g = task * kGroupsPerTask; g < g_end; ++g) {
+      uint8_t* dst = xt + g * mpad * E;
+      for (int64_t m = 0; m < mpad; ++m) {
+        if (m >= a.M) {
+          std::memset(dst + m * E, 0, E);
+        } else if constexpr (E == 8) {
+          std::memcpy(dst + m * E, static_cast<const uint8_t*>(a.x) + (m * a.x_row_stride + 4 * g) * 2, 8);
+        } else {
+          float* f = reinterpret_cast<float*>(dst + m * E);
+          for (int c = 0; c < 4; ++c) f[c] = load_as_float(a.x, m * a.x_row_stride + 4 * g + c, XD);
+        }
+      }
+    }
+  });
+  return xt;
+}
+
+#if defined(LOWBIT_S24_AVX512)
+struct VecF {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const void* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#else
+struct VecF {
+  using T = __m256;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const void* p) { return _mm256_loadu_ps(static_cast<const float*>(p)); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#endif
+
+constexpr int64_t kXtMinM = 16;  // fp32 math: the gather kernel is faster below this M
+
+// fp32 math: XT[c][m] = x[m0 + m, 4 g0 + c] (x transposed, as fp32); an entry holds the byte
+// offsets of the two columns a group uses and its two values, widened to fp32.
+template <int XD, int VD>
+struct XtKernel {
+  static constexpr int W = VecF::W;
+  static constexpr int MV = 4;  // vectors of x rows per micro-tile
+#if defined(LOWBIT_S24_AVX512)
+  static constexpr int NR = 6;  // 6 x 4 accumulators of 32 registers
+#else
+  static constexpr int NR = 3;  // 3 x 4 accumulators of 16 registers
+#endif
+  static constexpr int64_t MC = MV * W;
+  static constexpr int64_t KG = 8;    // groups per table: 32 columns x MC rows of fp32
+  static constexpr int64_t KP = 128;  // groups per packed panel
+  static constexpr int VBYTES = VD == kFloat32 ? 4 : 2;
+  static constexpr int WORDS = 4;  // offsets of the two columns (bytes), the two values (fp32)
+  static int64_t table_bytes() { return 4 * KG * MC * 4; }
+
+  static bool pack_row(const Sparse24MatmulArgs& a, int64_t n, int64_t g0, int64_t ng, uint32_t* dst) {
+    const uint8_t* mp = a.meta + n * (a.K / 8) + g0 / 2;
+    const int64_t voff = n * (a.K / 2) + 2 * g0;
+    float* v0 = reinterpret_cast<float*>(dst + 2 * KP);
+    float* v1 = reinterpret_cast<float*>(dst + 3 * KP);
+    for (int64_t g = 0; g < ng; ++g) {
+      const unsigned nib = (mp[g >> 1] >> ((g & 1) * 4)) & 15u;
+      const int64_t gl = g % KG;  // the group's place in its table
+      dst[g] = static_cast<uint32_t>((4 * gl + (nib & 3u)) * MC * 4);
+      dst[KP + g] = static_cast<uint32_t>((4 * gl + (nib >> 2)) * MC * 4);
+      v0[g] = load_as_float(a.values, voff + 2 * g, VD);
+      v1[g] = load_as_float(a.values, voff + 2 * g + 1, VD);
+    }
+    return false;
+  }
+
+  static const void* prepare(const Sparse24MatmulArgs& a, int num_threads, std::vector<uint8_t>& buf) {
+    return transpose_groups<XD, 16>(a, num_threads, buf);
+  }
+
+  // XT[c][m] from the prepared [g][m][4] fp32: row block m0, columns of groups [g0, g0 + ng).
+  static void build(const Sparse24MatmulArgs& a, const void* xs, int64_t m0, int64_t mrows, int64_t g0, int64_t ng,
+                    bool, uint8_t* table) {
+    const int64_t mpad = (a.M + 15) / 16 * 16;
+    const int64_t rows = std::min<int64_t>(MC, (mrows + 15) / 16 * 16);
+    float* xt = reinterpret_cast<float*>(table);
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* src = static_cast<const float*>(xs) + ((g0 + g) * mpad + m0) * 4;
+      for (int64_t m = 0; m < rows; ++m)
+        for (int c = 0; c < 4; ++c) xt[(4 * g + c) * MC + m] = src[4 * m + c];
+    }
+  }
+
+  template <int V>
+  static void tile_mv(const uint32_t* panel, int64_t ng, const uint8_t* xt, float* c, bool first) {
+    typename VecF::T acc[NR][V];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < V; ++r) acc[i][r] = first ? VecF::zero() : VecF::load(c + i * MC + r * W);
+    for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 6
+      for (int i = 0; i < NR; ++i) {
+        const uint32_t* e = panel + i * WORDS * KP + g;
+        const uint8_t* p0 = xt + e[0];
+        const uint8_t* p1 = xt + e[KP];
+        const typename VecF::T w0 = VecF::bcast(reinterpret_cast<const float*>(e + 2 * KP));
+        const typename VecF::T w1 = VecF::bcast(reinterpret_cast<const float*>(e + 3 * KP));
+#pragma GCC unroll 4
+        for (int r = 0; r < V; ++r) acc[i][r] = VecF::fma(VecF::load(p0 + 4 * W * r), w0, acc[i][r]);
+#pragma GCC unroll 4
+        for (int r = 0; r < V; ++r) acc[i][r] = VecF::fma(VecF::load(p1 + 4 * W * r), w1, acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < V; ++r) VecF::store(c + i * MC + r * W, acc[i][r]);
+  }
+
+  static void tile(int mv, const uint32_t* e, int64_t ng, const uint8_t* xt, float* c, bool first) {
+    switch (mv) {
+      case 1: tile_mv<1>(e, ng, xt, c, first); break;
+      case 2: tile_mv<2>(e, ng, xt, c, first); break;
+      case 3: tile_mv<3>(e, ng, xt, c, first); break;
+      default: tile_mv<4>(e, ng, xt, c, first); break;
+    }
+  }
+};
+#endif  // outer-product fp32
+
+#if defined(LOWBIT_S24_BF16)
+constexpr int64_t kXpMinM = 16;  // bf16 math: the gather kernel is faster below this M
+
+// Nibble -> slot of the XP table: the six legal pairs first (i0 < i1, in the format's order
+// 4, 8, 12, 9, 13, 14), then the ten illegal nibbles, built only when a block holds one.
+constexpr uint8_t kXpSlotOfNibble[16] = {6, 7, 8, 9, 0, 10, 11, 12, 1, 3, 13, 14, 2, 4, 5, 15};
+constexpr uint8_t kXpNibbleOfSlot[16] = {4, 8, 12, 9, 13, 14, 0, 1, 2, 3, 5, 6, 7, 10, 11, 15};
+constexpr int kXpLegalSlots = 6;
+
+// vpermt2w indices over a 64-word table of 16 rows' quads (row m at words 4m..4m+3): dword m of
+// slot s = words (4m + (nib & 3), 4m + (nib >> 2)) of the slot's nibble.
+struct XpPick {
+  alignas(64) uint16_t w[16][32];
+};
+constexpr XpPick make_xp_pick() {
+  XpPick p{};
+  for (int s = 0; s < 16; ++s) {
+    const int nib = kXpNibbleOfSlot[s];
+    for (int m = 0; m < 16; ++m) {
+      p.w[s][2 * m] = static_cast<uint16_t>(4 * m + (nib & 3));
+      p.w[s][2 * m + 1] = static_cast<uint16_t>(4 * m + (nib >> 2));
+    }
+  }
+  return p;
+}
+alignas(64) constexpr XpPick kPick = make_xp_pick();
+
+// bf16 math: XP[g][slot][m] (dword) = the bf16 pair (x[m0 + m, 4(g0 + g) + (nib & 3)],
+// x[.., 4(g0 + g) + (nib >> 2)]) of the slot's nibble; legal slots [KG][6][MC] first, the
+// illegal ones [KG][10][MC] after. An entry holds the slot's byte offset and the value pair
+// (one dword of `values`): a stored pair times 16 x rows is one vdpbf16ps.
+struct XpKernel {
+  static constexpr int W = 16;
+  static constexpr int MV = 4;   // zmm of 16 x rows per micro-tile
+  static constexpr int NR = 6;   // weight rows per micro-tile: 6 x 4 accumulators
+  static constexpr int64_t MC = MV * W;
+  static constexpr int64_t KG = 16;   // groups per table: 24 KiB of legal slots, L1-resident
+  static constexpr int64_t KP = 128;  // groups per packed panel
+  static constexpr int VBYTES = 2;
+  static constexpr int64_t SLOT = MC * 4;
+  static constexpr int64_t EXTRA_BASE = KG * kXpLegalSlots * SLOT;
+  static constexpr int WORDS = 2;  // byte offset of the slot, the value pair
+  static int64_t table_bytes() { return KG * 16 * SLOT; }
+
+  // Vectorized: 16 groups per step, nibble -> slot by vpshufb, offsets by multiply-add.
+  static bool pack_row(const Sparse24MatmulArgs& a, int64_t n, int64_t g0, int64_t ng, uint32_t* dst) {
+    static_assert(KG % 16 == 0 && (KG & (KG - 1)) == 0, "pack_row works in steps of 16 groups");
+    const uint8_t* mp = a.meta + n * (a.K / 8) + g0 / 2;
+    const uint8_t* vp = static_cast<const uint8_t*>(a.values) + n * a.K + 4 * g0;  // K/2 bf16 = K bytes a row
+    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kXpSlotOfNibble));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i slot_bytes = _mm512_set1_epi32(static_cast<int>(SLOT));
+    const __m512i legal_stride = _mm512_set1_epi32(static_cast<int>(kXpLegalSlots * SLOT));
+    const __m512i extra_stride = _mm512_set1_epi32(static_cast<int>((16 - 2 * kXpLegalSlots) * SLOT));
+    const __m512i extra_base = _mm512_set1_epi32(static_cast<int>(EXTRA_BASE - kXpLegalSlots * SLOT));
+    const __m512i six = _mm512_set1_epi32(kXpLegalSlots);
+    __mmask16 illegal_any = 0;
+    for (int64_t g = 0; g < ng; g += 16) {
+      const int64_t cnt = std::min<int64_t>(16, ng - g);  // even
+      const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1u);
+      const __m128i mb = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (cnt / 2)) - 1u), mp + g / 2);
+      const __m128i lo = _mm_and_si128(mb, _mm_set1_epi8(0x0F));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(mb, 4), _mm_set1_epi8(0x0F));
+      const __m128i slots8 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi));  // groups g..g+15, in order
+      const __m512i slot = _mm512_cvtepu8_epi32(slots8);
+      const __m512i gi = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(g % KG)));  // place in its table
+      // legal: (g * 6 + slot) * SLOT; illegal: EXTRA_BASE + (g * 10 + slot - 6) * SLOT
+      __m512i off = _mm512_add_epi32(_mm512_mullo_epi32(slot, slot_bytes), _mm512_mullo_epi32(gi, legal_stride));
+      const __mmask16 illegal = _mm512_mask_cmpge_epu32_mask(valid, slot, six);
+      off = _mm512_mask_add_epi32(off, illegal, off,
+                                  _mm512_add_epi32(extra_base, _mm512_mullo_epi32(gi, extra_stride)));
+      illegal_any |= illegal;
+      _mm512_mask_storeu_epi32(dst + g, valid, off);
+      _mm512_mask_storeu_epi32(dst + KP + g, valid, _mm512_maskz_loadu_epi32(valid, vp + 4 * g));
+    }
+    return illegal_any != 0;
+  }
+
+  static const void* prepare(const Sparse24MatmulArgs& a, int num_threads, std::vector<uint8_t>& buf) {
+    return transpose_groups<kBFloat16, 8>(a, num_threads, buf);
+  }
+
+  // From the prepared [g][m] quads (4 bf16 of a group, row m): for each 16-row block, the 16
+  // quads are two zmm = a 64-word table (row m at words 4m..4m+3), and one vpermt2w per slot
+  // pairs them up.
+  static void build(const Sparse24MatmulArgs& a, const void* xs, int64_t m0, int64_t mrows, int64_t g0, int64_t ng,
+                    bool extra, uint8_t* table) {
+    const int64_t mpad = (a.M + 15) / 16 * 16;
+    for (int64_t mm = 0; mm < mrows; mm += 16) {
+      for (int64_t g = 0; g < ng; ++g) {
+        const uint8_t* q = static_cast<const uint8_t*>(xs) + ((g0 + g) * mpad + m0 + mm) * 8;
+        const __m512i tlo = _mm512_loadu_si512(q);
+        const __m512i thi = _mm512_loadu_si512(q + 64);
+        uint8_t* dst = table + g * kXpLegalSlots * SLOT + mm * 4;
+#pragma GCC unroll 6
+        for (int s = 0; s < kXpLegalSlots; ++s)
+          _mm512_storeu_si512(dst + s * SLOT, _mm512_permutex2var_epi16(tlo, _mm512_load_si512(kPick.w[s]), thi));
+        if (extra) {
+          uint8_t* ex = table + EXTRA_BASE + g * (16 - kXpLegalSlots) * SLOT + mm * 4;
+          for (int s = kXpLegalSlots; s < 16; ++s)
+            _mm512_storeu_si512(ex + (s - kXpLegalSlots) * SLOT,
+                                _mm512_permutex2var_epi16(tlo, _mm512_load_si512(kPick.w[s]), thi));
+        }
+      }
+    }
+  }
+
+  template <int V>
+  static void tile_mv(const uint32_t* panel, int64_t ng, const uint8_t* xp, float* c, bool first) {
+    __m512 acc[NR][V];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < V; ++r) acc[i][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * MC + 16 * r);
+    for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 6
+      for (int i = 0; i < NR; ++i) {
+        const uint32_t* e = panel + i * WORDS * KP + g;
+        const uint8_t* p = xp + e[0];
+        const __m512i w = _mm512_set1_epi32(static_cast<int>(e[KP]));
+#pragma GCC unroll 4
+        for (int r = 0; r < V; ++r)
+          acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(_mm512_loadu_si512(p + 64 * r)), as_bh(w));
+      }
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < V; ++r) _mm512_storeu_ps(c + i * MC + 16 * r, acc[i][r]);
+  }
+
+  static void tile(int mv, const uint32_t* e, int64_t ng, const uint8_t* xp, float* c, bool first) {
+    switch (mv) {
+      case 1: tile_mv<1>(e, ng, xp, c, first); break;
+      case 2: tile_mv<2>(e, ng, xp, c, first); break;
+      case 3: tile_mv<3>(e, ng, xp, c, first); break;
+      default: tile_mv<4>(e, ng, xp, c, first); break;
+    }
+  }
+};
+#endif  // LOWBIT_S24_BF16
+
+// ------------------------------------------------------------------------------------------
+
+// x rows as fp32 row pointers: x itself if fp32, else a converted copy in `buf`.
+std::vector<const float*> fp32_rows(const Sparse24MatmulArgs& a, std::vector<float>& buf) {
+  std::vector<const float*> rows(static_cast<size_t>(a.M));
+  if (a.x_dtype == kFloat32) {
+    for (int64_t m = 0; m < a.M; ++m) rows[m] = static_cast<const float*>(a.x) + m * a.x_row_stride;
+    return rows;
+  }
+  buf.resize(static_cast<size_t>(a.M * a.K));
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* dst = buf.data() + m * a.K;
+    const uint16_t* src = static_cast<const uint16_t*>(a.x) + m * a.x_row_stride;
+    if (a.x_dtype == kFloat16) {
+      for (int64_t k = 0; k < a.K; ++k) dst[k] = half_to_float(src[k]);
+    } else {
+      for (int64_t k = 0; k < a.K; ++k) dst[k] = bf16_to_float(src[k]);
+    }
+    rows[m] = dst;
+  }
+  return rows;
+}
+
+template <int VD>
+void run_f32_math(const Sparse24MatmulArgs& a, int num_threads) {
+#if defined(LOWBIT_S24_AVX512) || defined(LOWBIT_S24_AVX2)
+  if (a.M >= kXtMinM) {
+    switch (a.x_dtype) {
+      case kFloat32: run_outer<XtKernel<kFloat32, VD>>(a, num_threads); return;
+      case kFloat16: run_outer<XtKernel<kFloat16, VD>>(a, num_threads); return;
+      default: run_outer<XtKernel<kBFloat16, VD>>(a, num_threads); return;
+    }
+  }
+#endif
+  std::vector<float> buf;
+  const std::vector<const float*> rows = fp32_rows(a, buf);
+  run_gather_f32<VD>(a, num_threads, rows.data());
+}
+
+}  // namespace
+
+void LOWBIT_ISA_FN(sparse24_matmul_kernel)(const Sparse24MatmulArgs& a, int num_threads) {
+  // All allocation happens here and in the run_* set-up, on the calling thread (a bad_alloc
+  // becomes MemoryError); the tasks only compute and cannot throw.
+#if defined(LOWBIT_S24_BF16)
+  if (a.x_dtype == kBFloat16 && a.values_dtype == kBFloat16) {
+    if (a.M >= kXpMinM) {
+      run_outer<XpKernel>(a, num_threads);
+      return;
+    }
+    std::vector<const uint16_t*> rows(static_cast<size_t>(a.M));
+    for (int64_t m = 0; m < a.M; ++m) rows[m] = static_cast<const uint16_t*>(a.x) + m * a.x_row_stride;
+    run_gather(a, num_threads, rows.data(),
+               [&](const int64_t* r, const uint16_t* const* xr, int R, float(*out)[kMR]) {
+                 DispatchR<GatherTileBf16, kBFloat16>::run(R, a, r, xr, out);
+               });
+    return;
+  }
+#endif
+  switch (a.values_dtype) {
+    case kFloat32: run_f32_math<kFloat32>(a, num_threads); break;
+    case kFloat16: run_f32_math<kFloat16>(a, num_threads); break;
+    default: run_f32_math<kBFloat16>(a, num_threads); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace lowbit
