@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../common/int4_matmul.h"
+#include "../common/nf4_matmul.h"
 
 namespace lowbit {
 namespace cpu {
@@ -14,6 +15,10 @@ namespace cpu {
 // must have passed check_int4_matmul_args. Uses up to num_threads (>= 1) threads,
 // fewer for small problems.
 void int4_matmul(const Int4MatmulArgs& args, int num_threads);
+
+// y = x @ dequant(W)^T (+ bias) for an NF4 weight; see common/nf4_matmul.h for the layout.
+// The arguments must have passed check_nf4_matmul_args.
+void nf4_matmul(const Nf4MatmulArgs& args, int num_threads);
 
 // Instruction-set features of the running CPU, detected at run time. Every key is present
 // on every platform (false where it does not apply), in a fixed order.
