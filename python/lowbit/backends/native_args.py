@@ -239,9 +239,10 @@ def prepare_nf4(
     if qweight.numel() != (numel + 1) // 2:
         raise ValueError(f"{fn}: qweight has {qweight.numel()} bytes, a [{n}, {k}] weight needs {(numel + 1) // 2}")
     nblocks = -(-numel // blocksize)
+    if (absmax_scale is None) != (absmax_code is None):
+        raise ValueError(f"{fn}: absmax_scale and absmax_code go together (double quantization), "
+                         f"got absmax_scale={absmax_scale is not None}, absmax_code={absmax_code is not None}")
     if absmax_scale is None:
-        if absmax_code is not None:
-            raise ValueError(f"{fn}: absmax_code is given without absmax_scale")
         check_tensor(absmax, "absmax", dtype=torch.float32, shape=(nblocks,), fn=fn)
         if float(absmax_offset) != 0.0:
             raise ValueError(f"{fn}: absmax_offset={absmax_offset} must be 0.0 without double quantization")
