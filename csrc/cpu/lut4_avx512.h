@@ -33,10 +33,9 @@ constexpr int64_t gemv_x_element(int64_t pos) {
   const int64_t h = pos >> 4, L = (pos >> 2) & 3, i = pos & 3;
   return 2 * (4 * i + L) + (h ^ (HF ? 1 : 0));
 }
-constexpr int kMR = 4, kNR = 4;     // GEMM micro-tile: 16 zmm accumulators
 // The GEMV prefetches its weight stream this far ahead (a few % over the hardware prefetchers).
 #ifndef LUT4_PF
-#define LUT4_PF 1024
+#define LUT4_PF 4096
 #endif
 constexpr int64_t kPrefetchBytes = LUT4_PF;
 
@@ -158,24 +157,6 @@ inline void decode_run(const uint8_t* src, const float* lut16, int64_t nchunks, 
   }
 }
 
-// c[i * cs + j] += dot(x[i][0, kc), w[j * ws + (0, kc)]), kc a multiple of 32.
-template <int MR, int NR>
-inline void micro(const float* const* x, const float* w, int64_t ws, int64_t kc, float* c, int64_t cs) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; k += 16) {
-    __m512 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + j * ws + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x[i] + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) c[i * cs + j] += _mm512_reduce_add_ps(acc[i][j]);
-}
-
 #if defined(LOWBIT_LUT4_BF16_DOT)
 // bfloat16 GEMV (x and out bfloat16): the 16 code bytes broadcast to the 4 lanes of 128 bits
 // and lane L shifted right by 4L bits: word 2i of lane L holds nibble L of dword i in its low
@@ -280,30 +261,6 @@ inline void decode_run(const uint8_t* src, const float* lut16, int64_t nchunks, 
   }
 }
 
-inline __m512bh load_bh(const uint16_t* p) {
-  const __m512i v = _mm512_loadu_si512(p);
-  __m512bh r;
-  std::memcpy(&r, &v, sizeof r);
-  return r;
-}
-
-// bfloat16 x and panel: vdpbf16ps sums the products of neighbouring pairs into float32 lanes.
-template <int MR, int NR>
-inline void micro(const uint16_t* const* x, const uint16_t* w, int64_t ws, int64_t kc, float* c, int64_t cs) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; k += 32) {
-    __m512bh wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = load_bh(w + j * ws + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh xv = load_bh(x[i] + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) c[i * cs + j] += _mm512_reduce_add_ps(acc[i][j]);
-}
 #endif
 
 }  // namespace

@@ -285,6 +285,7 @@ void decode_panel(const F& f, bool fast, int64_t n0, int64_t nr, int64_t kb, int
   }
 }
 
+#if !defined(LOWBIT_LUT4_AVX512)  // AVX-512 has its own GEMM (lut4_gemm_avx512.h)
 template <class T>
 struct GemmX {      // the x operand of the GEMM micro-kernel: rows of T with a stride, kp columns
   const T* data;
@@ -372,6 +373,7 @@ void run_gemm_typed(const F& f, const Lut4Io& io, bool fast, int num_threads) {
       for (int64_t j = 0; j < nc; ++j) store_out(io, m0 + i, n0 + j, s.ctile[static_cast<size_t>(i * kNC + j)]);
   });
 }
+#endif
 
 }  // namespace
 }  // namespace cpu

@@ -120,10 +120,74 @@ inline void outer_micro(const uint16_t* x, const uint16_t* w, int64_t ws, int64_
 }
 #endif
 
+// Decodes rows [0, nr) (row j = weight row n0 + j), columns [kb, kb + kc) of a fast layout into
+// panel[j * kc + (k - kb)], natural order, from the rows' float32 segment scales and zeros
+// (S, Z: [nr][nseg], Format::row_scales): no per-segment scalar work but two vector ops.
+template <class F, class T>
+void decode_rows_fast(const F& f, const float* S, const float* Z, int64_t nseg, int64_t L, int64_t n0, int64_t nr,
+                      int64_t kb, int64_t kc, T* panel) {
+  const __m512 table = _mm512_loadu_ps(f.table);
+  alignas(64) float lut[16];
+  for (int64_t j = 0; j < nr; ++j) {
+    const uint8_t* q = f.q + (((n0 + j) * f.K) >> 1);
+    const float* s = S + j * nseg;
+    const float* z = Z + j * nseg;
+    T* dst = panel + j * kc - kb;
+    for (int64_t k = kb; k < kb + kc;) {
+      const int64_t g = k / L, end = std::min((g + 1) * L, kb + kc);
+      _mm512_store_ps(lut, segment_lut<F>(table, s[g], F::kHasZero ? z[g] : 0.0f));
+      decode_run<F::kHighFirst>(q + (k >> 1), lut, (end - k) / 32, dst + k);
+      k = end;
+    }
+  }
+}
+
+// float32 -> bfloat16 bits, round to nearest even, NaN kept a quiet NaN (as float_to_bf16).
+inline __m256i cvt_bf16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// out[m0 + i, n0 + j] = ct[j * cs + i] + bias[j] for i < mc, j < nc (ct is C^T), in the output
+// dtype: 16 x 16 blocks transposed in registers, edges one element at a time.
+inline void store_ctile(const Lut4Io& io, const float* ct, int64_t cs, const float* bias, int64_t m0, int64_t mc,
+                        int64_t n0, int64_t nc) {
+  const int64_t mv = mc / 16 * 16, nv = nc / 16 * 16;
+  for (int64_t i = 0; i < mv; i += 16) {
+    for (int64_t j = 0; j < nv; j += 16) {
+      __m512i r[16];
+      for (int t = 0; t < 16; ++t) r[t] = _mm512_castps_si512(_mm512_loadu_ps(ct + (j + t) * cs + i));
+      transpose16(r);  // r[t] = row m0 + i + t, columns n0 + j .. + 15
+      const __m512 b = _mm512_loadu_ps(bias + j);
+      for (int t = 0; t < 16; ++t) {
+        const __m512 y = _mm512_add_ps(_mm512_castsi512_ps(r[t]), b);
+        const int64_t o = (m0 + i + t) * io.N + n0 + j;
+        if (io.out_dtype == kFloat32) {
+          _mm512_storeu_ps(static_cast<float*>(io.out) + o, y);
+        } else if (io.out_dtype == kBFloat16) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(io.out) + o), cvt_bf16(y));
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(io.out) + o),
+                              _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < mc; ++i)
+    for (int64_t j = (i < mv ? nv : 0); j < nc; ++j)
+      store_from_float(io.out, (m0 + i) * io.N + n0 + j, io.out_dtype, ct[j * cs + i] + bias[j]);
+}
+
 template <class T>
 struct OuterScratch {
   std::vector<T> panel;      // [kNC][KC] decoded weights (rows past N zero)
   std::vector<float> ctile;  // [kNC][kMC] C^T
+  std::vector<float> scales;  // [kNC][nseg] segment scales, then [kNC][nseg] zeros (fast layouts)
+  std::vector<float> bias;    // [kNC]
 };
 
 // T: float (float32 products) or uint16_t (bfloat16 pairs, x and out bfloat16).
@@ -173,9 +237,12 @@ void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
   const int64_t MC = round_up(std::min(M, kMC), kOuterMB);
   const int64_t ntiles = (N + kNC - 1) / kNC, mtiles = (M + MC - 1) / MC;
   std::vector<OuterScratch<T>> scratch(static_cast<size_t>(threads));
+  const int64_t L = fast ? f.seg_len() : K, nseg = K / L;
   for (auto& s : scratch) {
     s.panel.assign(static_cast<size_t>(kNC * KC), T(0));
     s.ctile.resize(static_cast<size_t>(kNC * MC));
+    s.scales.resize(static_cast<size_t>(fast ? 2 * kNC * nseg : 0));
+    s.bias.resize(static_cast<size_t>(kNC));
   }
   parallel_for(ntiles * mtiles, threads, [&](int64_t t, int thread) {
     OuterScratch<T>& s = scratch[static_cast<size_t>(thread)];
@@ -184,10 +251,27 @@ void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
     const int64_t m0 = (t % mtiles) * MC, mc = std::min(MC, M - m0);
     const int64_t mcp = round_up(mc, kOuterMB);
     std::fill(s.ctile.begin(), s.ctile.begin() + ncp * MC, 0.0f);
+    float* S = s.scales.data();
+    float* Z = S + kNC * nseg;
+    if (fast)
+      for (int64_t j = 0; j < nc; ++j) f.row_scales(n0 + j, S + j * nseg, Z + j * nseg);
     for (int64_t kb = 0; kb < Kp; kb += KC) {
       const int64_t kcp = std::min(KC, Kp - kb);
-      decode_panel(f, fast, n0, nc, kb, std::min(kcp, K - kb), kcp, s.panel.data());
+      if (fast) {
+        decode_rows_fast(f, S, Z, nseg, L, n0, nc, kb, kcp, s.panel.data());
+      } else {
+        decode_panel(f, false, n0, nc, kb, std::min(kcp, K - kb), kcp, s.panel.data());
+      }
       std::fill(s.panel.begin() + nc * kcp, s.panel.begin() + ncp * kcp, T(0));
+      // A K block touches kNC rows x KC/2 bytes: too many short streams for the hardware
+      // prefetchers, so fetch the next block's codes while this one is multiplied.
+      if (kb + KC < K) {
+        const int64_t bytes = (std::min(KC, K - kb - KC) + 1) / 2;
+        for (int64_t j = 0; j < nc; ++j) {
+          const char* row = reinterpret_cast<const char*>(f.q + (((n0 + j) * K + kb + KC) >> 1));
+          for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T1);
+        }
+      }
       for (int64_t i = 0; i < mcp; i += kOuterMB) {
         const T* xp = reinterpret_cast<const T*>(xpanel.data() + ((m0 + i) / kOuterMB * D + kb / E) * kOuterMB);
         if (mc - i > 16) {
@@ -199,8 +283,8 @@ void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
         }
       }
     }
-    for (int64_t i = 0; i < mc; ++i)
-      for (int64_t j = 0; j < nc; ++j) store_out(io, m0 + i, n0 + j, s.ctile[static_cast<size_t>(j * MC + i)]);
+    for (int64_t j = 0; j < nc; ++j) s.bias[j] = io.bias ? load_as_float(io.bias, n0 + j, io.bias_dtype) : 0.0f;
+    store_ctile(io, s.ctile.data(), MC, s.bias.data(), m0, mc, n0, nc);
   });
 }
 
