@@ -20,6 +20,7 @@
 #include "common/ternary_matmul.h"
 #include "common/w4_matmul.h"
 #include "common/sparse24_matmul.h"
+#include "common/nf4_matmul.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/isa.h"
 #include "lowbit_build_config.h"
@@ -67,6 +68,33 @@ void int4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr
   LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "int4_matmul_cpu: num_threads=", num_threads,
                " must be in [1, 4096]");
   cpu::int4_matmul(a, static_cast<int>(num_threads));
+}
+
+void nf4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr, uintptr_t absmax_ptr,
+                    uintptr_t absmax_scale_ptr, uintptr_t absmax_code_ptr, double absmax_offset, uintptr_t bias_ptr,
+                    int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N, int64_t K,
+                    int64_t blocksize, int64_t num_threads) {
+  Nf4MatmulArgs a;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_dtype = x_dtype;
+  a.x_row_stride = x_row_stride;
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
+  a.absmax = reinterpret_cast<const void*>(absmax_ptr);
+  a.absmax_scale = reinterpret_cast<const float*>(absmax_scale_ptr);
+  a.absmax_code = reinterpret_cast<const float*>(absmax_code_ptr);
+  a.absmax_offset = static_cast<float>(absmax_offset);
+  a.bias = reinterpret_cast<const void*>(bias_ptr);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_dtype = out_dtype;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.blocksize = blocksize;
+  check_nf4_matmul_args("nf4_matmul_cpu", a);
+  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "nf4_matmul_cpu: num_threads=", num_threads,
+               " must be in [1, 4096]");
+  cpu::nf4_matmul(a, static_cast<int>(num_threads));
 }
 
 void sparse24_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t values_ptr, int values_dtype,
@@ -310,6 +338,15 @@ PYBIND11_MODULE(_C, m) {
         "out[M, N] = x[M, K] @ W^T (+ bias) for a 2:4 sparse W (values [N, K/2], meta uint8 [N, K/8]) on\n"
         "the CPU, fp32 accumulation. Pointers are addresses (0 = absent, allowed for bias only); x rows\n"
         "start every x_row_stride elements; values, meta, bias [N], out [M, N] contiguous; K % 8 == 0.");
+  m.def("nf4_matmul_cpu", &lowbit::nf4_matmul_cpu, py::call_guard<py::gil_scoped_release>(), "x_ptr"_a,
+        "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "absmax_ptr"_a, "absmax_scale_ptr"_a, "absmax_code_ptr"_a,
+        "absmax_offset"_a, "bias_ptr"_a, "bias_dtype"_a, "out_ptr"_a, "out_dtype"_a, "M"_a, "N"_a, "K"_a,
+        "blocksize"_a, "num_threads"_a,
+        "out[M, N] = x[M, K] @ dequant(NF4 weight)^T (+ bias) on the CPU, fp32 accumulation.\n"
+        "qweight: bitsandbytes' packed uint8 [ceil(N*K/2)]; absmax float32 [ceil(N*K/blocksize)], or uint8\n"
+        "codes with absmax_scale float32 [ceil(nblocks/256)], absmax_code float32 [256] and absmax_offset\n"
+        "(double quantization; both pointers 0 without). Pointers are addresses (0 = absent, allowed\n"
+        "for bias and the double-quantization pair only); bias [N], out [M, N] contiguous.");
 #if defined(LOWBIT_WITH_CUDA)
   m.def("int4_matmul_cuda", &lowbit::int4_matmul_cuda, py::call_guard<py::gil_scoped_release>(),
         "x_ptr"_a, "x_dtype"_a, "x_row_stride"_a, "qweight_ptr"_a, "scales_ptr"_a, "scales_dtype"_a,

@@ -9,6 +9,7 @@
 #include "../common/kv_attention.h"
 #include "../common/ternary_matmul.h"
 #include "../common/sparse24_matmul.h"
+#include "../common/nf4_matmul.h"
 
 namespace lowbit {
 namespace cpu {
@@ -29,6 +30,10 @@ void ternary_matmul(const TernaryMatmulArgs& args, int num_threads);
 // y = x @ W^T (+ bias) for a 2:4 sparse W; see common/sparse24_matmul.h. The arguments must
 // have passed check_sparse24_matmul_args. Uses up to num_threads (>= 1) threads.
 void sparse24_matmul(const Sparse24MatmulArgs& args, int num_threads);
+
+// y = x @ dequant(W)^T (+ bias) for an NF4 weight; see common/nf4_matmul.h for the layout.
+// The arguments must have passed check_nf4_matmul_args.
+void nf4_matmul(const Nf4MatmulArgs& args, int num_threads);
 
 // Instruction-set features of the running CPU, detected at run time. Every key is present
 // on every platform (false where it does not apply), in a fixed order.

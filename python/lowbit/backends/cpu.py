@@ -12,8 +12,10 @@ from .. import _native
 from .native_args import (
     int4_supported,
     kv_attention_supported,
+    nf4_supported,
     prepare_int4,
     prepare_kv_attention,
+    prepare_nf4,
     prepare_sparse24,
     prepare_ternary,
     sparse24_supported,
@@ -106,4 +108,30 @@ def sparse24_matmul(
     call = prepare_sparse24(x, values, meta, bias, fn="lowbit.backends.cpu.sparse24_matmul")
     if not call.empty:
         _native.C.sparse24_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
+    return call.result()
+
+
+def supports_nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features,
+                        bias=None) -> bool:
+    """True if the native CPU kernel takes this call (CPU tensors, float16/bfloat16/float32 x; every
+    layout the nf4 format allows: any blocksize, double-quantized absmax, blocks across rows, odd K)."""
+    return _native.has("nf4_matmul_cpu") and nf4_supported("cpu", x, qweight, absmax, absmax_scale, absmax_code, bias)
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    absmax_offset: float,
+    blocksize: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W)^T (+ bias)`` for a bitsandbytes-layout NF4 weight, with the C++ kernel."""
+    call = prepare_nf4(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features, bias,
+                       fn="lowbit.backends.cpu.nf4_matmul")
+    if not call.empty:
+        _native.C.nf4_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
     return call.result()
