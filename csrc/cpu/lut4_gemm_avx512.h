@@ -133,8 +133,8 @@ void decode_rows_fast(const F& f, const float* S, const float* Z, int64_t nseg, 
     const float* s = S + j * nseg;
     const float* z = Z + j * nseg;
     T* dst = panel + j * kc - kb;
-    for (int64_t k = kb; k < kb + kc;) {
-      const int64_t g = k / L, end = std::min((g + 1) * L, kb + kc);
+    for (int64_t k = kb, g = kb / L; k < kb + kc; ++g) {
+      const int64_t end = std::min((g + 1) * L, kb + kc);
       _mm512_store_ps(lut, segment_lut<F>(table, s[g], F::kHasZero ? z[g] : 0.0f));
       decode_run<F::kHighFirst>(q + (k >> 1), lut, (end - k) / 32, dst + k);
       k = end;
