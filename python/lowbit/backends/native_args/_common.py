@@ -1,0 +1,35 @@
+"""Shared by every op's argument preparation: dtype codes and stride normalisation."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+NATIVE_DTYPES: tuple[torch.dtype, ...] = tuple(DTYPE_CODES)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The native dtype code of a float dtype (TypeError for any other dtype)."""
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"lowbit native kernels take float32, float16 or bfloat16, got {dtype}") from None
+
+
+def rows_with_unit_stride(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` viewed as ``[M, K]`` with unit inner stride and its row stride in elements
+    (copies only if no such view exists)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    return x2, (x2.stride(0) if m > 1 else k)
+
+
+
+def unit_inner(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself if its last dimension has unit stride (any outer strides), else a contiguous copy."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
