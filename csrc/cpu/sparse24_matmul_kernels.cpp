@@ -471,14 +471,15 @@ struct GatherTileBf16 {
 
 constexpr int kPackPrefetchRows = 16;  // pack: prefetch the weights of the row this far ahead
 
+template <int Hint = _MM_HINT_T0>
 inline void prefetch_row(const Sparse24MatmulArgs& a, int vbytes, int64_t n, int64_t g0, int64_t ng) {
   const char* v = static_cast<const char*>(a.values) + n * (a.K / 2) * vbytes + 2 * g0 * vbytes;
   const int64_t len = 2 * ng * vbytes;
-  for (int64_t b = 0; b < len; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
-  _mm_prefetch(v + len - 1, _MM_HINT_T0);
+  for (int64_t b = 0; b < len; b += 64) _mm_prefetch(v + b, static_cast<decltype(_MM_HINT_T0)>(Hint));
+  _mm_prefetch(v + len - 1, static_cast<decltype(_MM_HINT_T0)>(Hint));
   const char* m = reinterpret_cast<const char*>(a.meta) + n * (a.K / 8) + g0 / 2;
-  _mm_prefetch(m, _MM_HINT_T0);
-  _mm_prefetch(m + ng / 2 - 1, _MM_HINT_T0);
+  _mm_prefetch(m, static_cast<decltype(_MM_HINT_T0)>(Hint));
+  _mm_prefetch(m + ng / 2 - 1, static_cast<decltype(_MM_HINT_T0)>(Hint));
 }
 
 constexpr int64_t kChunkTiles = 80;  // outer-product: weight tiles packed at a time (panel in L2)
@@ -612,12 +613,27 @@ void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
           build_all(true);
           tables_extra = true;
         }
+        // The rows the next packing step reads: the next chunk, or the first of the next K block.
+        const bool last_chunk = r0 + chunk_rows >= rows;
+        const int64_t next_n = n_begin + (last_chunk ? 0 : r0 + chunk_rows);
+        const int64_t next_g = last_chunk ? gp + K::KP : gp;
+        const int64_t next_ng = std::min<int64_t>(K::KP, G - next_g);
+        // (With one x block the tiles are too short to hide it, and the lines would crowd out
+        // the panel and tables: then packing prefetches for itself.)
+        const int64_t next_rows = next_g >= G || mblocks == 1 ? 0 : std::min(chunk_rows, n_end - next_n);
         for (int64_t mb = 0; mb < mblocks; ++mb) {
           const int64_t mrows = std::min<int64_t>(K::MC, m_end - m_begin - mb * K::MC);
           const int mv = static_cast<int>((mrows + K::W - 1) / K::W);
           float* c = s.cpart.data() + (mb * rows_pad + r0) * K::MC;  // [x block][row][MC]
+          // While the tiles compute, bring the weights the next packing step reads into L2
+          // (packing reads short runs of many rows: latency-bound unless prefetched).
+          const int64_t steps = mblocks * ((tiles + kGroupTiles - 1) / kGroupTiles);
+          const int64_t per_step = (next_rows + steps - 1) / steps;
           for (int64_t t0 = 0; t0 < tiles; t0 += kGroupTiles) {
             const int64_t t1 = std::min(tiles, t0 + kGroupTiles);
+            const int64_t step = mb * ((tiles + kGroupTiles - 1) / kGroupTiles) + t0 / kGroupTiles;
+            for (int64_t r = step * per_step; r < std::min(next_rows, (step + 1) * per_step); ++r)
+              prefetch_row<_MM_HINT_T1>(a, K::VBYTES, next_n + r, next_g, next_ng);
             for (int64_t tb = 0; tb < ntab; ++tb) {
               const int64_t ng = std::min<int64_t>(K::KG, npg - tb * K::KG);
               const uint8_t* table = table_at(mb, tb);
