@@ -18,19 +18,21 @@
 //      * scalar: plain C++, 8 partial sums (the behaviour of record).
 //    The weight stream is read once; x stays in L1/L2. At M = 1 this is memory-bound.
 //
-// 2. Outer-product kernels (larger M; AVX-512 and AVX2). x is blocked into kMC-row blocks and
-//    kKG-group (4 * kKG column) blocks. For each block a thread builds a table from x in which
-//    the x operand of every stored weight is one aligned vector of kMC/… rows:
-//      * bf16 (AVX512_BF16): XP[g][nib][m] = the bf16 pair (x[m, 4g + (nib & 3)],
-//        x[m, 4g + (nib >> 2)]) for all 16 nibbles, so a stored value pair (one dword of
-//        `values`) times 16 rows of x is one `vdpbf16ps` with a broadcast weight dword and the
-//        table vector chosen by the nibble (no shuffles in the inner loop);
-//      * fp32: XT[c][m] = x[m, c] (x transposed), one broadcast value times one table vector
-//        per `vfmadd`.
-//    A micro-tile of kNR_* weight rows x kMV vectors of x rows keeps its accumulators in
-//    registers over a K block; partial sums live in a per-thread [rows, kMC] fp32 buffer.
-//    The multiply count is half of a dense GEMM's, which is what lets it keep up with
-//    torch's dense bf16 GEMM at large M.
+// 2. Outer-product kernels (larger M: kXtMinM / kXpMinM and up; AVX-512 and AVX2). Instead of
+//    gathering x for each weight row, x is arranged into a small table per block of x rows
+//    (MC = 4 vectors) and groups (KG), in which the x operand of any stored weight is one
+//    aligned vector of x rows:
+//      * bf16 (AVX512_BF16): XP[g][slot][m] = the bf16 pair (x[m, 4g + i0], x[m, 4g + i1]) of
+//        the slot's nibble (the 6 legal pairs; the 10 illegal nibbles get extra slots, built only
+//        for K blocks that hold one), so a stored value pair (one dword of `values`) times 16
+//        rows of x is one `vdpbf16ps` of a broadcast weight dword and the slot's vector: no
+//        shuffle in the inner loop, and half the multiplies of a dense GEMM;
+//      * fp32: XT[c][m] = x[m, c], one broadcast value times one table vector per `vfmadd`.
+//    The weights are packed per K block into [row][group] entries holding the slot's byte
+//    offset and the value(s) (vectorized: nibble -> offset by vpermd tables), so the micro-tile
+//    (NR weight rows x 4 vectors of x rows, accumulators in registers) only loads an offset,
+//    broadcasts the weight and runs its loads and multiply-adds. Loop blocking (run_outer)
+//    keeps one table in L1, the packed panel in L2 and the partial sums in a per-thread buffer.
 //
 // Every path computes sum_g v0 * x[4g + (nib & 3)] + v1 * x[4g + (nib >> 2)] for whatever the
 // nibble holds, so illegal metadata gives a defined (meaningless) result, never an
@@ -454,18 +456,7 @@ struct GatherTileBf16 {
 #endif
 
 // ------------------------------------------------------------------------------------------
-// Outer-product kernels (x blocked into a table; see the header comment).
-//
-// Per work item (a range of weight rows and of x rows), for each K block of kKG groups:
-//   1. pack: the rows' weights of this K block are copied once into a per-thread panel in the
-//      order the micro-kernel reads them, [tile][group][row of tile], each entry holding the
-//      byte offset(s) of the table slot(s) the group's nibble selects and the value(s). The
-//      checkpoint rows are read in short runs (a few hundred bytes of each of many rows), which
-//      the hardware prefetchers do not follow, so the packing loop prefetches rows ahead; the
-//      micro-kernel then streams the panel from L2 and spends no work on the nibbles.
-//   2. for each block of kMC x rows: build the table from x, then run every tile of the
-//      panel against it, partial sums in a per-thread [x block][row][kMC] buffer read and
-//      written in sequence.
+// Outer-product kernels (x arranged into tables; see the header comment and run_outer).
 
 #if defined(LOWBIT_S24_AVX512) || defined(LOWBIT_S24_AVX2)
 
@@ -756,7 +747,7 @@ struct XtKernel {
 #endif  // outer-product fp32
 
 #if defined(LOWBIT_S24_BF16)
-constexpr int64_t kXpMinM = 16;  // bf16 math: the gather kernel is faster below this M
+constexpr int64_t kXpMinM = 32;  // bf16 math: the gather kernel is faster below this M
 
 // Nibble -> slot of the XP table: the six legal pairs first (i0 < i1, in the format's order
 // 4, 8, 12, 9, 13, 14), then the ten illegal nibbles, built only when a block holds one.
