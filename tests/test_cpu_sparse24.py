@@ -2,8 +2,8 @@
 
 Each test runs once per ISA this CPU supports (``LOWBIT_CPU_ISA`` forces the path), against the
 pure-PyTorch reference; M crosses the switch between the gather kernels (small M) and the
-outer-product kernels (M >= 16), K covers the smallest legal size, tails of every SIMD step
-and multi-block sizes, N covers partial tiles.
+outer-product kernels (M >= 16 with fp32 math, M >= 32 with bf16 x and values), K covers the
+smallest legal size, tails of every SIMD step and multi-block sizes, N covers partial tiles.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def raw(x2, values, meta, bias, out, threads=1, row_stride=None, **override):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    m=st.sampled_from([1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 33, 64, 70]),
+    m=st.sampled_from([1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 31, 32, 33, 64, 70]),
     n=st.integers(1, 40),
     k8=st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 33, 64, 65]),
     x_dtype=st.sampled_from(FLOATS),
@@ -90,7 +90,7 @@ def test_matches_reference(isa, m, n, k8, x_dtype, v_dtype, bias, threads, seed)
 
 @pytest.mark.parametrize("x_dtype,v_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("m", [1, 6, 16, 130])
+@pytest.mark.parametrize("m", [1, 6, 16, 31, 32, 130])
 def test_larger_problem(isa, m, x_dtype, v_dtype):
     # K spans several blocks of every kernel plus a tail; N several tiles plus a partial one.
     x, values, meta, b = make(m, 67, 1096, x_dtype, v_dtype, seed=m, bias_dtype=torch.float32)
@@ -163,7 +163,7 @@ def test_every_isa_gives_the_scalar_answer_for_illegal_nibbles(monkeypatch):
     rows = torch.arange(n).unsqueeze(1)
     dense.index_put_((rows, cols + (nib & 3)), v[..., 0], accumulate=True)
     dense.index_put_((rows, cols + (nib >> 2)), v[..., 1], accumulate=True)
-    for m in (1, 20):
+    for m in (1, 20, 40):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         expect = x.float() @ dense.t()
         for isa_name in ISAS:

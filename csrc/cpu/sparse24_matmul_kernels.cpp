@@ -18,19 +18,21 @@
 //      * scalar: plain C++, 8 partial sums (the behaviour of record).
 //    The weight stream is read once; x stays in L1/L2. At M = 1 this is memory-bound.
 //
-// 2. Outer-product kernels (larger M; AVX-512 and AVX2). x is blocked into kMC-row blocks and
-//    kKG-group (4 * kKG column) blocks. For each block a thread builds a table from x in which
-//    the x operand of every stored weight is one aligned vector of kMC/… rows:
-//      * bf16 (AVX512_BF16): XP[g][nib][m] = the bf16 pair (x[m, 4g + (nib & 3)],
-//        x[m, 4g + (nib >> 2)]) for all 16 nibbles, so a stored value pair (one dword of
-//        `values`) times 16 rows of x is one `vdpbf16ps` with a broadcast weight dword and the
-//        table vector chosen by the nibble (no shuffles in the inner loop);
-//      * fp32: XT[c][m] = x[m, c] (x transposed), one broadcast value times one table vector
-//        per `vfmadd`.
-//    A micro-tile of kNR_* weight rows x kMV vectors of x rows keeps its accumulators in
-//    registers over a K block; partial sums live in a per-thread [rows, kMC] fp32 buffer.
-//    The multiply count is half of a dense GEMM's, which is what lets it keep up with
-//    torch's dense bf16 GEMM at large M.
+// 2. Outer-product kernels (larger M: kXtMinM / kXpMinM and up; AVX-512 and AVX2). Instead of
+//    gathering x for each weight row, x is arranged into a small table per block of x rows
+//    (MC = 4 vectors) and groups (KG), in which the x operand of any stored weight is one
+//    aligned vector of x rows:
+//      * bf16 (AVX512_BF16): XP[g][slot][m] = the bf16 pair (x[m, 4g + i0], x[m, 4g + i1]) of
+//        the slot's nibble (the 6 legal pairs; the 10 illegal nibbles get extra slots, built only
+//        for K blocks that hold one), so a stored value pair (one dword of `values`) times 16
+//        rows of x is one `vdpbf16ps` of a broadcast weight dword and the slot's vector: no
+//        shuffle in the inner loop, and half the multiplies of a dense GEMM;
+//      * fp32: XT[c][m] = x[m, c], one broadcast value times one table vector per `vfmadd`.
+//    The weights are packed per K block into [row][group] entries holding the slot's byte
+//    offset and the value(s) (vectorized: nibble -> offset by vpermd tables), so the micro-tile
+//    (NR weight rows x 4 vectors of x rows, accumulators in registers) only loads an offset,
+//    broadcasts the weight and runs its loads and multiply-adds. Loop blocking (run_outer)
+//    keeps one table in L1, the packed panel in L2 and the partial sums in a per-thread buffer.
 //
 // Every path computes sum_g v0 * x[4g + (nib & 3)] + v1 * x[4g + (nib >> 2)] for whatever the
 // nibble holds, so illegal metadata gives a defined (meaningless) result, never an
@@ -47,6 +49,11 @@
 #include "parallel.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's AVX-512 headers pass _mm512_undefined_*() as the masked-off source of many
+// intrinsics and then warn about it (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #endif
 #if defined(__ARM_NEON)
@@ -449,38 +456,29 @@ struct GatherTileBf16 {
 #endif
 
 // ------------------------------------------------------------------------------------------
-// Outer-product kernels (x blocked into a table; see the header comment).
-//
-// Per work item (a range of weight rows and of x rows), for each K block of kKG groups:
-//   1. pack: the rows' weights of this K block are copied once into a per-thread panel in the
-//      order the micro-kernel reads them, [tile][group][row of tile], each entry holding the
-//      byte offset(s) of the table slot(s) the group's nibble selects and the value(s). The
-//      checkpoint rows are read in short runs (a few hundred bytes of each of many rows), which
-//      the hardware prefetchers do not follow, so the packing loop prefetches rows ahead; the
-//      micro-kernel then streams the panel from L2 and spends no work on the nibbles.
-//   2. for each block of kMC x rows: build the table from x, then run every tile of the
-//      panel against it, partial sums in a per-thread [x block][row][kMC] buffer read and
-//      written in sequence.
+// Outer-product kernels (x arranged into tables; see the header comment and run_outer).
 
 #if defined(LOWBIT_S24_AVX512) || defined(LOWBIT_S24_AVX2)
 
 constexpr int kPackPrefetchRows = 16;  // pack: prefetch the weights of the row this far ahead
 
+template <int Hint = _MM_HINT_T0>
 inline void prefetch_row(const Sparse24MatmulArgs& a, int vbytes, int64_t n, int64_t g0, int64_t ng) {
   const char* v = static_cast<const char*>(a.values) + n * (a.K / 2) * vbytes + 2 * g0 * vbytes;
   const int64_t len = 2 * ng * vbytes;
-  for (int64_t b = 0; b < len; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
-  _mm_prefetch(v + len - 1, _MM_HINT_T0);
+  for (int64_t b = 0; b < len; b += 64) _mm_prefetch(v + b, static_cast<decltype(_MM_HINT_T0)>(Hint));
+  _mm_prefetch(v + len - 1, static_cast<decltype(_MM_HINT_T0)>(Hint));
   const char* m = reinterpret_cast<const char*>(a.meta) + n * (a.K / 8) + g0 / 2;
-  _mm_prefetch(m, _MM_HINT_T0);
-  _mm_prefetch(m + ng / 2 - 1, _MM_HINT_T0);
+  _mm_prefetch(m, static_cast<decltype(_MM_HINT_T0)>(Hint));
+  _mm_prefetch(m + ng / 2 - 1, static_cast<decltype(_MM_HINT_T0)>(Hint));
 }
 
-constexpr int64_t kChunkTiles = 32;  // outer-product: weight tiles per work item
+constexpr int64_t kChunkTiles = 80;  // outer-product: weight tiles packed at a time (panel in L2)
+constexpr int64_t kGroupTiles = 8;   // outer-product: tiles run back to back on one table (partial sums in L1)
 constexpr int64_t kMaxMRange = 512;  // outer-product: x rows per work item, at most
 
 struct OuterPlan {
-  int64_t chunk_rows, nchunks, mrange, nmranges;
+  int64_t rows_per_part, nparts, mrange, nmranges;
   int threads;
 };
 
@@ -490,114 +488,160 @@ OuterPlan make_outer_plan(const Sparse24MatmulArgs& a, int num_threads, int64_t 
   int64_t t = std::max(1, num_threads);
   t = std::min<int64_t>(t, std::max<int64_t>(1, static_cast<int64_t>(work / kMinWorkPerThread)));
   const int64_t ntiles = (a.N + nr - 1) / nr;
-  p.chunk_rows = std::min(kChunkTiles, std::max<int64_t>(1, ntiles / t)) * nr;
-  p.nchunks = (a.N + p.chunk_rows - 1) / p.chunk_rows;
+  // One row range per thread (tables are built per range); x rows are split too when there
+  // are fewer tiles than threads, or more than kMaxMRange rows.
+  p.rows_per_part = (ntiles + t - 1) / t * nr;
+  p.nparts = (a.N + p.rows_per_part - 1) / p.rows_per_part;
   p.mrange = std::min<int64_t>((a.M + mc - 1) / mc * mc, kMaxMRange);
-  if (p.nchunks < t) p.mrange = std::max(mc, (a.M + t - 1) / t + mc - 1) / mc * mc;  // share out x rows too
+  if (p.nparts < t) p.mrange = std::min(p.mrange, ((a.M + t - 1) / t + mc - 1) / mc * mc);
   p.nmranges = (a.M + p.mrange - 1) / p.mrange;
-  p.threads = static_cast<int>(std::min<int64_t>(t, p.nchunks * p.nmranges));
+  p.threads = static_cast<int>(std::min<int64_t>(t, p.nparts * p.nmranges));
   return p;
 }
 
-// The driver, shared by the bf16 (XP) and fp32 (XT) kernels. A work item is a chunk of weight
-// rows (up to kChunkTiles tiles) and a range of x rows (up to kMaxMRange): the packed panel
-// (chunk rows x KP groups) and the partial sums (chunk rows x x-range) stay in L2, the table
-// (KG groups x MC x rows) in L1; the chunk's weights are read from memory once, in runs of
-// KP groups. K provides NR, MC, W, VBYTES, KG (groups per table), KP (groups per packed panel,
-// a multiple of KG), WORDS (32-bit words of a packed entry), table_bytes(),
+// out[m0 + m, n] = c[(n - n0) * ldc + m] (+ bias[n]) for m < mrows, n in [n0, n1): 16 outputs
+// of a row at a time from a 16-row block of c (L1-resident), so that out is written in order.
+template <int OD, int BD>
+void store_transposed_t(const Sparse24MatmulArgs& a, int64_t m0, int64_t mrows, int64_t n0, int64_t n1,
+                        const float* c, int64_t ldc) {
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t cnt = std::min<int64_t>(16, n1 - nb);
+    float bias[16] = {};
+    if (a.bias)
+      for (int64_t j = 0; j < cnt; ++j) bias[j] = load_as_float(a.bias, nb + j, BD);
+    const float* cb = c + (nb - n0) * ldc;
+    for (int64_t m = 0; m < mrows; ++m) {
+      const int64_t o = (m0 + m) * a.N + nb;
+      for (int64_t j = 0; j < cnt; ++j) store_from_float(a.out, o + j, OD, cb[j * ldc + m] + bias[j]);
+    }
+  }
+}
+
+void store_transposed(const Sparse24MatmulArgs& a, int64_t m0, int64_t mrows, int64_t n0, int64_t n1,
+                      const float* c, int64_t ldc) {
+  using Fn = void (*)(const Sparse24MatmulArgs&, int64_t, int64_t, int64_t, int64_t, const float*, int64_t);
+  static constexpr Fn table[3][3] = {
+      {store_transposed_t<kFloat32, kFloat32>, store_transposed_t<kFloat32, kFloat16>,
+       store_transposed_t<kFloat32, kBFloat16>},
+      {store_transposed_t<kFloat16, kFloat32>, store_transposed_t<kFloat16, kFloat16>,
+       store_transposed_t<kFloat16, kBFloat16>},
+      {store_transposed_t<kBFloat16, kFloat32>, store_transposed_t<kBFloat16, kFloat16>,
+       store_transposed_t<kBFloat16, kBFloat16>}};
+  table[a.out_dtype][a.bias ? a.bias_dtype : kFloat32](a, m0, mrows, n0, n1, c, ldc);
+}
+
+// The driver, shared by the bf16 (XP) and fp32 (XT) kernels; GotoBLAS-like blocking. A work item
+// is a range of weight rows and of x rows. For each K block of KP groups:
+//   * the tables of every x block of the range and every KG-group sub-block are built (each
+//     table fits L1; all of them L2/L3);
+//   * the rows are packed kChunkTiles tiles at a time (the panel stays in L2 and is read once
+//     per x block), and for each x block, kGroupTiles tiles at a time run over the sub-block
+//     tables in turn: a table is loaded into L1 once per kGroupTiles tiles, and those tiles'
+//     partial sums stay in L1 across the sub-blocks.
+// Partial sums live in a per-thread [x block][rows][MC] buffer, read and written once per K block.
+// K provides NR, MC, W, VBYTES, KG (groups per table), KP (groups per K block, a multiple of
+// KG), WORDS (32-bit words of a packed entry), table_bytes(),
 //   pack_row(a, n, g0, ng, uint32_t* dst) -> bool: row n's entries for groups [g0, g0 + ng),
 //     word j of group g0 + g at dst[j * KP + g], slot offsets relative to the group's table
-//     (group g0 + g is at (g % KG) in it); true if the table needs its extra slots;
-//   prepare(a, num_threads, buf) -> const void*: x rearranged once per call (shared, read-only);
-//   build(a, xs, m0, mrows, g0, ng, extra, table): the table of x rows [m0, m0 + mrows) and
-//     groups [g0, g0 + ng), from the prepared x `xs`;
+//     (group g0 + g is at (g % KG) in it); true if a table needs its extra slots;
+//   build(a, m0, mrows, g0, ng, extra, table): the table of x rows [m0, m0 + mrows) and
+//     groups [g0, g0 + ng);
 //   tile(mv, panel, ng, table, c, first): one tile over ng groups (its row i at panel + i * WORDS * KP).
 template <class K>
 void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
-  static_assert(K::KP % K::KG == 0, "a packed panel holds whole tables");
-  std::vector<uint8_t> xbuf;
-  const void* xs = K::prepare(a, num_threads, xbuf);
+  static_assert(K::KP % K::KG == 0, "a K block holds whole tables");
   const OuterPlan p = make_outer_plan(a, num_threads, K::NR, K::MC);
-  const int64_t rows_pad = p.chunk_rows + K::NR;
+  const int64_t rows_pad = p.rows_per_part + K::NR;
+  const int64_t chunk_rows = kChunkTiles * K::NR;
+  const int64_t max_mblocks = p.mrange / K::MC;
+  constexpr int64_t kTables = K::KP / K::KG;
   constexpr int64_t kRowWords = K::WORDS * K::KP;
   struct Scratch {
     std::vector<uint32_t> panel;
-    std::vector<uint8_t> table;
+    std::vector<uint8_t> tables;
     std::vector<float> cpart;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(p.threads));
   for (Scratch& s : scratch) {
-    s.panel.resize(static_cast<size_t>(rows_pad * kRowWords));
-    s.table.resize(static_cast<size_t>(K::table_bytes() + 64));
+    s.panel.resize(static_cast<size_t>((chunk_rows + K::NR) * kRowWords));
+    s.tables.resize(static_cast<size_t>(max_mblocks * kTables * K::table_bytes() + 64));
     s.cpart.resize(static_cast<size_t>(p.mrange * rows_pad));
   }
   const int64_t G = a.K / 4;
-  parallel_for(p.nchunks * p.nmranges, p.threads, [&](int64_t task, int thread) {
+  parallel_for(p.nparts * p.nmranges, p.threads, [&](int64_t task, int thread) {
     Scratch& s = scratch[static_cast<size_t>(thread)];
-    const int64_t n_begin = (task % p.nchunks) * p.chunk_rows;
-    const int64_t n_end = std::min(a.N, n_begin + p.chunk_rows);
-    const int64_t m_begin = (task / p.nchunks) * p.mrange;
+    const int64_t n_begin = (task % p.nparts) * p.rows_per_part;
+    const int64_t n_end = std::min(a.N, n_begin + p.rows_per_part);
+    const int64_t m_begin = (task / p.nparts) * p.mrange;
     const int64_t m_end = std::min(a.M, m_begin + p.mrange);
-    const int64_t tiles = (n_end - n_begin + K::NR - 1) / K::NR;
-    uint8_t* table = s.table.data() + ((64 - reinterpret_cast<uintptr_t>(s.table.data()) % 64) % 64);
+    const int64_t mblocks = (m_end - m_begin + K::MC - 1) / K::MC;
+    const int64_t rows = n_end - n_begin;
+    uint8_t* tables = s.tables.data() + ((64 - reinterpret_cast<uintptr_t>(s.tables.data()) % 64) % 64);
+    auto table_at = [&](int64_t mb, int64_t tb) { return tables + (mb * kTables + tb) * K::table_bytes(); };
     for (int64_t gp = 0; gp < G; gp += K::KP) {
       const int64_t npg = std::min<int64_t>(K::KP, G - gp);
-      bool extra = false;
-      for (int64_t row = 0; row < tiles * K::NR; ++row) {
-        if (n_begin + row + kPackPrefetchRows < n_end)
-          prefetch_row(a, K::VBYTES, n_begin + row + kPackPrefetchRows, gp, npg);
-        const int64_t n = std::min(n_begin + row, n_end - 1);  // a short last tile repeats its last row
-        extra |= K::pack_row(a, n, gp, npg, s.panel.data() + row * kRowWords);
-      }
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += K::MC) {
-        const int64_t mrows = std::min<int64_t>(K::MC, m_end - m0);
-        const int mv = static_cast<int>((mrows + K::W - 1) / K::W);
-        float* c = s.cpart.data() + (m0 - m_begin) * rows_pad;  // [rows_pad][MC] per x block
-        for (int64_t gx = 0; gx < npg; gx += K::KG) {
-          const int64_t ng = std::min<int64_t>(K::KG, npg - gx);
-          K::build(a, xs, m0, mrows, gp + gx, ng, extra, table);
-          for (int64_t t = 0; t < tiles; ++t)
-            K::tile(mv, s.panel.data() + t * K::NR * kRowWords + gx, ng, table, c + t * K::NR * K::MC,
-                    gp + gx == 0);
+      const int64_t ntab = (npg + K::KG - 1) / K::KG;
+      auto build_all = [&](bool extra) {
+        for (int64_t mb = 0; mb < mblocks; ++mb) {
+          const int64_t m0 = m_begin + mb * K::MC;
+          for (int64_t tb = 0; tb < ntab; ++tb)
+            K::build(a, m0, std::min<int64_t>(K::MC, m_end - m0), gp + tb * K::KG,
+                     std::min<int64_t>(K::KG, npg - tb * K::KG), extra, table_at(mb, tb));
+        }
+      };
+      build_all(false);
+      bool tables_extra = false;
+      for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+        const int64_t tiles = (std::min(chunk_rows, rows - r0) + K::NR - 1) / K::NR;
+        bool extra = false;
+        for (int64_t row = 0; row < tiles * K::NR; ++row) {
+          if (r0 + row + kPackPrefetchRows < rows)
+            prefetch_row(a, K::VBYTES, n_begin + r0 + row + kPackPrefetchRows, gp, npg);
+          const int64_t n = std::min(n_begin + r0 + row, n_end - 1);  // a short last tile repeats its last row
+          extra |= K::pack_row(a, n, gp, npg, s.panel.data() + row * kRowWords);
+        }
+        if (extra && !tables_extra) {  // illegal nibbles: fill in the extra slots of this block's tables
+          build_all(true);
+          tables_extra = true;
+        }
+        // The rows the next packing step reads: the next chunk, or the first of the next K block.
+        const bool last_chunk = r0 + chunk_rows >= rows;
+        const int64_t next_n = n_begin + (last_chunk ? 0 : r0 + chunk_rows);
+        const int64_t next_g = last_chunk ? gp + K::KP : gp;
+        const int64_t next_ng = std::min<int64_t>(K::KP, G - next_g);
+        // (With one x block the tiles are too short to hide it, and the lines would crowd out
+        // the panel and tables: then packing prefetches for itself.)
+        const int64_t next_rows = next_g >= G || mblocks == 1 ? 0 : std::min(chunk_rows, n_end - next_n);
+        for (int64_t mb = 0; mb < mblocks; ++mb) {
+          const int64_t mrows = std::min<int64_t>(K::MC, m_end - m_begin - mb * K::MC);
+          const int mv = static_cast<int>((mrows + K::W - 1) / K::W);
+          float* c = s.cpart.data() + (mb * rows_pad + r0) * K::MC;  // [x block][row][MC]
+          // While the tiles compute, bring the weights the next packing step reads into L2
+          // (packing reads short runs of many rows: latency-bound unless prefetched).
+          const int64_t steps = mblocks * ((tiles + kGroupTiles - 1) / kGroupTiles);
+          const int64_t per_step = (next_rows + steps - 1) / steps;
+          for (int64_t t0 = 0; t0 < tiles; t0 += kGroupTiles) {
+            const int64_t t1 = std::min(tiles, t0 + kGroupTiles);
+            const int64_t step = mb * ((tiles + kGroupTiles - 1) / kGroupTiles) + t0 / kGroupTiles;
+            for (int64_t r = step * per_step; r < std::min(next_rows, (step + 1) * per_step); ++r)
+              prefetch_row<_MM_HINT_T1>(a, K::VBYTES, next_n + r, next_g, next_ng);
+            for (int64_t tb = 0; tb < ntab; ++tb) {
+              const int64_t ng = std::min<int64_t>(K::KG, npg - tb * K::KG);
+              const uint8_t* table = table_at(mb, tb);
+              for (int64_t t = t0; t < t1; ++t)
+                K::tile(mv, s.panel.data() + t * K::NR * kRowWords + tb * K::KG, ng, table, c + t * K::NR * K::MC,
+                        gp == 0 && tb == 0);
+            }
+          }
         }
       }
     }
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += K::MC) {
-      const float* c = s.cpart.data() + (m0 - m_begin) * rows_pad;
-      const int64_t mrows = std::min<int64_t>(K::MC, m_end - m0);
-      for (int64_t n = n_begin; n < n_end; ++n)
-        for (int64_t m = 0; m < mrows; ++m) store_out(a, m0 + m, n, c[(n - n_begin) * K::MC + m]);
+    for (int64_t mb = 0; mb < mblocks; ++mb) {
+      const int64_t m0 = m_begin + mb * K::MC;
+      store_transposed(a, m0, std::min<int64_t>(K::MC, m_end - m0), n_begin, n_end,
+                       s.cpart.data() + mb * rows_pad * K::MC, K::MC);
     }
   });
-}
-
-// xt[g][m] (m < Mpad = M rounded up to 16, rows past M zero) = the E-byte piece of x row m that
-// group g covers (E = 8: 4 bf16; E = 16: 4 fp32). fp32 pieces are x converted from XD.
-template <int XD, int E>
-const void* transpose_groups(const Sparse24MatmulArgs& a, int num_threads, std::vector<uint8_t>& buf) {
-  const int64_t G = a.K / 4, mpad = (a.M + 15) / 16 * 16;
-  buf.resize(static_cast<size_t>(G * mpad * E + 64));
-  uint8_t* xt = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64);
-  constexpr int64_t kGroupsPerTask = 64;
-  const int64_t tasks = (G + kGroupsPerTask - 1) / kGroupsPerTask;
-  const int t = threads_for(static_cast<double>(a.M) * static_cast<double>(a.K), 1 << 20, num_threads);
-  parallel_for(tasks, t, [&](int64_t task, int) {
-    const int64_t g_end = std::min(G, (task + 1) * kGroupsPerTask);
-    for (int64_t g = task * kGroupsPerTask; g < g_end; ++g) {
-      uint8_t* dst = xt + g * mpad * E;
-      for (int64_t m = 0; m < mpad; ++m) {
-        if (m >= a.M) {
-          std::memset(dst + m * E, 0, E);
-        } else if constexpr (E == 8) {
-          std::memcpy(dst + m * E, static_cast<const uint8_t*>(a.x) + (m * a.x_row_stride + 4 * g) * 2, 8);
-        } else {
-          float* f = reinterpret_cast<float*>(dst + m * E);
-          for (int c = 0; c < 4; ++c) f[c] = load_as_float(a.x, m * a.x_row_stride + 4 * g + c, XD);
-        }
-      }
-    }
-  });
-  return xt;
 }
 
 #if defined(LOWBIT_S24_AVX512)
@@ -636,8 +680,8 @@ struct XtKernel {
   static constexpr int NR = 3;  // 3 x 4 accumulators of 16 registers
 #endif
   static constexpr int64_t MC = MV * W;
-  static constexpr int64_t KG = 8;    // groups per table: 32 columns x MC rows of fp32
-  static constexpr int64_t KP = 128;  // groups per packed panel
+  static constexpr int64_t KG = 16;   // groups per table: 64 columns x MC rows of fp32 (16 KiB with AVX-512)
+  static constexpr int64_t KP = 128;  // groups per K block
   static constexpr int VBYTES = VD == kFloat32 ? 4 : 2;
   static constexpr int WORDS = 4;  // offsets of the two columns (bytes), the two values (fp32)
   static int64_t table_bytes() { return 4 * KG * MC * 4; }
@@ -658,20 +702,13 @@ struct XtKernel {
     return false;
   }
 
-  static const void* prepare(const Sparse24MatmulArgs& a, int num_threads, std::vector<uint8_t>& buf) {
-    return transpose_groups<XD, 16>(a, num_threads, buf);
-  }
-
-  // XT[c][m] from the prepared [g][m][4] fp32: row block m0, columns of groups [g0, g0 + ng).
-  static void build(const Sparse24MatmulArgs& a, const void* xs, int64_t m0, int64_t mrows, int64_t g0, int64_t ng,
-                    bool, uint8_t* table) {
-    const int64_t mpad = (a.M + 15) / 16 * 16;
-    const int64_t rows = std::min<int64_t>(MC, (mrows + 15) / 16 * 16);
+  // XT[c][m] = x[m0 + m, 4 g0 + c] as fp32 (rows past M stay as they were: never stored).
+  static void build(const Sparse24MatmulArgs& a, int64_t m0, int64_t mrows, int64_t g0, int64_t ng, bool,
+                    uint8_t* table) {
     float* xt = reinterpret_cast<float*>(table);
-    for (int64_t g = 0; g < ng; ++g) {
-      const float* src = static_cast<const float*>(xs) + ((g0 + g) * mpad + m0) * 4;
-      for (int64_t m = 0; m < rows; ++m)
-        for (int c = 0; c < 4; ++c) xt[(4 * g + c) * MC + m] = src[4 * m + c];
+    for (int64_t m = 0; m < mrows; ++m) {
+      const int64_t base = (m0 + m) * a.x_row_stride + 4 * g0;
+      for (int64_t c = 0; c < 4 * ng; ++c) xt[c * MC + m] = load_as_float(a.x, base + c, XD);
     }
   }
 
@@ -710,7 +747,7 @@ struct XtKernel {
 #endif  // outer-product fp32
 
 #if defined(LOWBIT_S24_BF16)
-constexpr int64_t kXpMinM = 16;  // bf16 math: the gather kernel is faster below this M
+constexpr int64_t kXpMinM = 32;  // bf16 math: the gather kernel is faster below this M
 
 // Nibble -> slot of the XP table: the six legal pairs first (i0 < i1, in the format's order
 // 4, 8, 12, 9, 13, 14), then the ten illegal nibbles, built only when a block holds one.
@@ -736,6 +773,23 @@ constexpr XpPick make_xp_pick() {
 }
 alignas(64) constexpr XpPick kPick = make_xp_pick();
 
+// pack_row's tables, by nibble: the slot's byte offset in a table's group 0 (legal slots in
+// [KG][6], illegal ones in [KG][10] after them), and all-ones for an illegal nibble.
+struct XpPackTables {
+  alignas(64) uint32_t base[16];
+  alignas(64) uint32_t illegal[16];
+};
+constexpr XpPackTables make_xp_pack_tables(int64_t slot_bytes, int64_t extra_base) {
+  XpPackTables t{};
+  for (int nib = 0; nib < 16; ++nib) {
+    const int s = kXpSlotOfNibble[nib];
+    const bool legal = s < kXpLegalSlots;
+    t.base[nib] = static_cast<uint32_t>(legal ? s * slot_bytes : extra_base + (s - kXpLegalSlots) * slot_bytes);
+    t.illegal[nib] = legal ? 0u : ~0u;
+  }
+  return t;
+}
+
 // bf16 math: XP[g][slot][m] (dword) = the bf16 pair (x[m0 + m, 4(g0 + g) + (nib & 3)],
 // x[.., 4(g0 + g) + (nib >> 2)]) of the slot's nibble; legal slots [KG][6][MC] first, the
 // illegal ones [KG][10][MC] after. An entry holds the slot's byte offset and the value pair
@@ -746,62 +800,73 @@ struct XpKernel {
   static constexpr int NR = 6;   // weight rows per micro-tile: 6 x 4 accumulators
   static constexpr int64_t MC = MV * W;
   static constexpr int64_t KG = 16;   // groups per table: 24 KiB of legal slots, L1-resident
-  static constexpr int64_t KP = 128;  // groups per packed panel
+  static constexpr int64_t KP = 128;  // groups per K block
   static constexpr int VBYTES = 2;
   static constexpr int64_t SLOT = MC * 4;
   static constexpr int64_t EXTRA_BASE = KG * kXpLegalSlots * SLOT;
+  static constexpr XpPackTables kXpPack = make_xp_pack_tables(SLOT, EXTRA_BASE);
   static constexpr int WORDS = 2;  // byte offset of the slot, the value pair
   static int64_t table_bytes() { return KG * 16 * SLOT; }
 
-  // Vectorized: 16 groups per step, nibble -> slot by vpshufb, offsets by multiply-add.
+  // Vectorized, 16 groups per step, no mask registers (slow on AMD): the nibbles of 8 meta
+  // bytes widened to dwords index 16-entry tables (vpermd) of the slot offset and of whether
+  // the nibble is illegal; offset = base[nib] + g * 6 * SLOT (+ g * 4 * SLOT if illegal).
   static bool pack_row(const Sparse24MatmulArgs& a, int64_t n, int64_t g0, int64_t ng, uint32_t* dst) {
-    static_assert(KG % 16 == 0 && (KG & (KG - 1)) == 0, "pack_row works in steps of 16 groups");
+    static_assert(KG % 16 == 0 && (KG & (KG - 1)) == 0 && KP % 16 == 0, "pack_row works in steps of 16 groups");
     const uint8_t* mp = a.meta + n * (a.K / 8) + g0 / 2;
     const uint8_t* vp = static_cast<const uint8_t*>(a.values) + n * a.K + 4 * g0;  // K/2 bf16 = K bytes a row
-    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kXpSlotOfNibble));
+    const __m512i base = _mm512_load_si512(kXpPack.base);
+    const __m512i illegal = _mm512_load_si512(kXpPack.illegal);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i slot_bytes = _mm512_set1_epi32(static_cast<int>(SLOT));
-    const __m512i legal_stride = _mm512_set1_epi32(static_cast<int>(kXpLegalSlots * SLOT));
-    const __m512i extra_stride = _mm512_set1_epi32(static_cast<int>((16 - 2 * kXpLegalSlots) * SLOT));
-    const __m512i extra_base = _mm512_set1_epi32(static_cast<int>(EXTRA_BASE - kXpLegalSlots * SLOT));
-    const __m512i six = _mm512_set1_epi32(kXpLegalSlots);
-    __mmask16 illegal_any = 0;
+    const __m512i legal_step = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(kXpLegalSlots * SLOT)));
+    const __m512i extra_step = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>((16 - 2 * kXpLegalSlots) * SLOT)));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m512i any = _mm512_setzero_si512();
     for (int64_t g = 0; g < ng; g += 16) {
       const int64_t cnt = std::min<int64_t>(16, ng - g);  // even
-      const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1u);
-      const __m128i mb = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (cnt / 2)) - 1u), mp + g / 2);
-      const __m128i lo = _mm_and_si128(mb, _mm_set1_epi8(0x0F));
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(mb, 4), _mm_set1_epi8(0x0F));
-      const __m128i slots8 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi));  // groups g..g+15, in order
-      const __m512i slot = _mm512_cvtepu8_epi32(slots8);
-      const __m512i gi = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(g % KG)));  // place in its table
-      // legal: (g * 6 + slot) * SLOT; illegal: EXTRA_BASE + (g * 10 + slot - 6) * SLOT
-      __m512i off = _mm512_add_epi32(_mm512_mullo_epi32(slot, slot_bytes), _mm512_mullo_epi32(gi, legal_stride));
-      const __mmask16 illegal = _mm512_mask_cmpge_epu32_mask(valid, slot, six);
-      off = _mm512_mask_add_epi32(off, illegal, off,
-                                  _mm512_add_epi32(extra_base, _mm512_mullo_epi32(gi, extra_stride)));
-      illegal_any |= illegal;
-      _mm512_mask_storeu_epi32(dst + g, valid, off);
-      _mm512_mask_storeu_epi32(dst + KP + g, valid, _mm512_maskz_loadu_epi32(valid, vp + 4 * g));
+      __m128i mb;
+      __m512i pairs;
+      if (cnt == 16) {
+        mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mp + g / 2));
+        pairs = _mm512_loadu_si512(vp + 4 * g);
+      } else {  // the row's last groups: read no further than the row
+        mb = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (cnt / 2)) - 1u), mp + g / 2);
+        pairs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << cnt) - 1u), vp + 4 * g);
+      }
+      const __m128i nib8 = _mm_unpacklo_epi8(_mm_and_si128(mb, low4), _mm_and_si128(_mm_srli_epi16(mb, 4), low4));
+      const __m512i nib = _mm512_cvtepu8_epi32(nib8);  // groups g..g+15, in order (0 past cnt)
+      __m512i bad = _mm512_permutexvar_epi32(nib, illegal);
+      // (g % KG) is 0 here: KG is a multiple of 16, so lane l is group l of its table.
+      __m512i off = _mm512_add_epi32(_mm512_permutexvar_epi32(nib, base), legal_step);
+      off = _mm512_add_epi32(off, _mm512_and_si512(bad, extra_step));
+      if (cnt < 16) bad = _mm512_maskz_mov_epi32(static_cast<__mmask16>((1u << cnt) - 1u), bad);
+      any = _mm512_or_si512(any, bad);
+      // Full-width stores (a panel row has room for KP groups; entries past ng are never read).
+      _mm512_storeu_si512(dst + g, off);
+      _mm512_storeu_si512(dst + KP + g, pairs);
     }
-    return illegal_any != 0;
+    return _mm512_test_epi32_mask(any, any) != 0;
   }
 
-  static const void* prepare(const Sparse24MatmulArgs& a, int num_threads, std::vector<uint8_t>& buf) {
-    return transpose_groups<kBFloat16, 8>(a, num_threads, buf);
-  }
-
-  // From the prepared [g][m] quads (4 bf16 of a group, row m): for each 16-row block, the 16
-  // quads are two zmm = a 64-word table (row m at words 4m..4m+3), and one vpermt2w per slot
+  // For each 16-row block of x: the 4 x values of a group for the 16 rows are gathered as 16
+  // qwords (two zmm = a 64-word table, row m at words 4m..4m+3), then one vpermt2w per slot
   // pairs them up.
-  static void build(const Sparse24MatmulArgs& a, const void* xs, int64_t m0, int64_t mrows, int64_t g0, int64_t ng,
-                    bool extra, uint8_t* table) {
-    const int64_t mpad = (a.M + 15) / 16 * 16;
+  static void build(const Sparse24MatmulArgs& a, int64_t m0, int64_t mrows, int64_t g0, int64_t ng, bool extra,
+                    uint8_t* table) {
+    const char* x = static_cast<const char*>(a.x);
+    const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i row_bytes = _mm512_set1_epi64(a.x_row_stride * 2);
     for (int64_t mm = 0; mm < mrows; mm += 16) {
+      const int64_t valid = std::min<int64_t>(16, mrows - mm);
+      const __mmask8 mlo = static_cast<__mmask8>(valid >= 8 ? 0xFF : (1u << valid) - 1u);
+      const __mmask8 mhi = static_cast<__mmask8>(valid <= 8 ? 0 : (1u << (valid - 8)) - 1u);
+      // Masked-off lanes may hold row offsets past M: those addresses are never touched.
+      const __m512i off_lo = _mm512_mullo_epi64(_mm512_add_epi64(lane, _mm512_set1_epi64(m0 + mm)), row_bytes);
+      const __m512i off_hi = _mm512_mullo_epi64(_mm512_add_epi64(lane, _mm512_set1_epi64(m0 + mm + 8)), row_bytes);
       for (int64_t g = 0; g < ng; ++g) {
-        const uint8_t* q = static_cast<const uint8_t*>(xs) + ((g0 + g) * mpad + m0 + mm) * 8;
-        const __m512i tlo = _mm512_loadu_si512(q);
-        const __m512i thi = _mm512_loadu_si512(q + 64);
+        const char* col = x + 8 * (g0 + g);
+        const __m512i tlo = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), mlo, off_lo, col, 1);
+        const __m512i thi = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), mhi, off_hi, col, 1);
         uint8_t* dst = table + g * kXpLegalSlots * SLOT + mm * 4;
 #pragma GCC unroll 6
         for (int s = 0; s < kXpLegalSlots; ++s)
