@@ -201,10 +201,10 @@ def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.de
     """Row tile, key tile and split count; splits chosen to give ~4 or ~8 programs per multiprocessor."""
     out = []
     bm_list = (16,) if rows <= 16 else ((32, 64) if rows <= 64 else (64, 128))
+    bs_list = (64, 32, 128) if d <= 128 else (32, 64)
     if dtype == torch.float32:  # 3-pass tf32 dots: smaller tiles keep registers and shared memory in check
         bm_list = tuple(min(bm, 32) for bm in bm_list[:1])
         bs_list = (32, 64)
-    bs_list = (64, 32, 128) if d <= 128 else (32, 64)
     for bm in bm_list:
         for bs in bs_list:
             programs = b * h_kv * triton.cdiv(rows, bm)

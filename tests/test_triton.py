@@ -169,7 +169,7 @@ KV_SHAPES_GPU = [(3, 32, 8, 1, 4100, 128, 8, False), (2, 32, 8, 1, 3000, 128, 4,
                  (1, 8, 2, 130, 700, 128, 8, True), (2, 4, 4, 64, 64, 64, 4, True), (1, 6, 2, 9, 333, 80, 8, False)]
 
 
-def _kv_configs(kern, shape, device):
+def _kv_configs(kern, shape, device, dtype):
     b, h_q, h_kv, s_q, s_kv, d, _bits, _causal = shape
     from lowbit.kernels_triton._common import cfg
 
@@ -179,7 +179,7 @@ def _kv_configs(kern, shape, device):
                                                         extra={"BLOCKS_PER_SPLIT": 2})]
     if device == "cpu":
         return forced
-    return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device))
+    return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,7 +190,7 @@ def test_kv_attention_configs(device, dtype):
         b, h_q, h_kv, s_q, s_kv, d, bits, causal = shape
         args = to_device(kv_args(b, h_q, h_kv, s_q, s_kv, d, dtype, bits=bits, causal=causal), device)
         ref = reference.kv_attention(*args)
-        for c in _kv_configs(kern, shape, device):
+        for c in _kv_configs(kern, shape, device, dtype):
             _check(kern.kv_attention(*args, config=c), ref, dtype, f"kv {c} {shape}")
 
 
