@@ -4,7 +4,8 @@
 ``w = scale * (q - zero)`` (``zeros=None``: zero 8). No repacking. Three paths:
 
 * ``gemv`` (few rows, any activation dtype): one program per ``BLOCK_N`` output features and
-  row of ``x``, streaming the weight once. Per group ``g`` it uses
+  row of ``x``, streaming the weight once in long runs per row (``NG`` groups a step, every load
+  issued a step ahead). Per group ``g`` it uses
   ``sum_k w_k x_k = s_g * (sum_k q_k x_k - z_g * sum_k x_k)``, and ``q`` is turned into a float
   by bit tricks instead of int-to-float conversions: the nibble is OR-ed into the mantissa of
   1.0 (``1 + q/16``), so that one FMA per weight does the work (float16/bfloat16 activations);
@@ -49,18 +50,21 @@ def _int4_gemv_kernel(
     M, N, K, G, k_per_split, one_bits,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, GS: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
 ):
-    """One row of x against BLOCK_N rows of W; each step is GS weights of one group.
+    """One row of x against BLOCK_N rows of W; each step is NG runs of GS weights, each run
+    within one group (NG > 1: longer contiguous reads per row, fewer steps).
 
-    The weight is read as int32 words (8 nibbles, elements 8j..8j+7) into a [BLOCK_N, GS/8]
+    The weight is read as int32 words (8 nibbles, elements 8j..8j+7) into a [BLOCK_N, NG*GS/8]
     tile; the nibbles are spread in registers (join + reshape, no data movement) to
-    [BLOCK_N, GS], so each thread holds a run of consecutive weights of a few rows and the
-    matching run of x once. Per step and row: ``s * (sum_k q_k x_k - z * sum_k x_k)``.
+    [BLOCK_N, NG*GS], so each thread holds a run of consecutive weights of a few rows and the
+    matching run of x once. Per run and row: ``s * (sum_k q_k x_k - z * sum_k x_k)``.
     Split-K (``PARTIAL``): program (n, m, split) covers ``k_per_split`` columns.
     ``one_bits`` is 0x3F800000 (0x4B000000 for EXACT), passed at run time so that it sits in a
     register and ``(v & MASK) | one_bits`` compiles to one LOP3 (two immediates do not fit one).
+    Every load of a step is issued one step ahead, so a step's math never waits on a load.
     """
+    BK: tl.constexpr = GS * NG
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
@@ -68,37 +72,52 @@ def _int4_gemv_kernel(
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
     qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
-    q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, GS // 8)[None, :]
-    x_ptrs = x_ptr + m * stride_xm + tl.arange(0, GS) * stride_xk
+    q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, BK // 8)[None, :]
+    x_ptrs = x_ptr + m * stride_xm + tl.arange(0, BK) * stride_xk
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    wd_next = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
-    for k0 in range(k_lo, k_hi, GS):
-        wd = wd_next  # prefetched: the next step's words are in flight while this one computes
-        k_next = tl.minimum(k0 + GS, k_hi - GS)  # (the last step re-reads itself: no mask needed)
-        wd_next = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
-        xv = tl.load(x_ptrs + k0 * stride_xk).to(tl.float32)
-        xsum = tl.sum(xv[None, :], axis=1)  # [1], in the reduction's layout (no conversion)
-        g = k0 // G
-        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
-        else:
-            z = 8.0
+    wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_lo, G, stride_xk,
+                                            stride_sn, stride_zn, HAS_ZERO, GS, NG)
+    for k0 in range(k_lo, k_hi, BK):
+        wd, s, z, xv = wd_n, s_n, z_n, xv_n
+        k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
+        wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_next, G,
+                                                stride_xk, stride_sn, stride_zn, HAS_ZERO, GS, NG)
+        xv = xv.to(tl.float32)
+        xsum = tl.sum(tl.reshape(xv, [1, NG, GS]), axis=2)  # [1, NG]
+        s = s.to(tl.float32)
+        z = z.to(tl.float32) if HAS_ZERO else 8.0
         if EXACT:  # float32 activations: exact q (2^23 + q, minus 2^23)
             q = _spread_nibbles(wd, one_bits, 0, 0xF)
-            qx = tl.sum((q - 8388608.0) * xv[None, :], axis=1)
+            qx = tl.sum(tl.reshape((q - 8388608.0) * xv[None, :], [BLOCK_N, NG, GS]), axis=2)
+            acc += tl.sum(s * (qx - z * xsum), axis=1)
         else:  # 1 + q/16 exactly: the nibble lands in mantissa bits 19..22 of 1.0f
             q = _spread_nibbles(wd, one_bits, 19, 0x780000)
-            qx = 16.0 * (tl.sum(q * xv[None, :], axis=1) - xsum)
-        acc += s * (qx - z * xsum)
+            qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, GS]), axis=2) - xsum)
+            acc += tl.sum(s * (qx - z * xsum), axis=1)
     if PARTIAL:
         tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k0, G, stride_xk, stride_sn, stride_zn,
+                     HAS_ZERO: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr):
+    """The loads of one GEMV step at column ``k0``: weight words, the NG runs' scales and zeros
+    [BLOCK_N, NG], and x."""
+    wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
+    g = (k0 + GS * tl.arange(0, NG)) // G
+    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=n_mask[:, None], other=0.0)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        z = s
+    xv = tl.load(x_ptrs + k0 * stride_xk)
+    return wd, s, z, xv
 
 
 @triton.jit
@@ -247,10 +266,13 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
     gemv: list[Config] = []
     gs = _pow2_divisor(g, 128)
     if k % 8 == 0 and gs >= 8:  # int32 words of 8 nibbles, steps of GS within one group
-        for bn, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8)):
+        # Per-thread bytes in flight decide the bandwidth reached: NG=8 runs of 128 weights (512 B a
+        # row) per step on 16 rows and 2 warps reads ~1.8 TB/s on an H100 (1 run of 64 B: ~1.4 TB/s).
+        for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 8, 1), (32, 4, 4), (64, 1, 8)):
+            ng = _runs_per_step(k // gs, ng)
             programs = triton.cdiv(n, bn) * m
-            split = split_k_for(programs, k // gs, device, max_split=32, per_sm=4)
-            gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+            split = split_k_for(programs, k // (gs * ng), device, max_split=32, per_sm=4)
+            gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split, "NG": ng}))
         gemv = with_unsplit(gemv)
     mm: list[Config] = []
     bk_max = _pow2_divisor(g, 128)
@@ -280,6 +302,14 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
     return dense + mm
 
 
+def _runs_per_step(runs: int, want: int) -> int:
+    """The largest power of two <= ``want`` that divides ``runs`` (GEMV runs of GS per step)."""
+    ng = max(1, want)
+    while runs % ng:
+        ng //= 2
+    return ng
+
+
 def _split(split: int, steps: int, step: int) -> int:
     """The number of K ranges actually used when ``steps`` steps are cut into ``split``."""
     per = triton.cdiv(steps, split)
@@ -293,16 +323,17 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
     zt = zeros if has_zero else scales
     if c.path == "gemv":
         gs = _pow2_divisor(g, 128)
-        bn = c["BLOCK_N"]
-        split = _split(c.get("SPLIT_K", 1), k // gs, gs)
+        ng = _runs_per_step(k // gs, c.get("NG", 1))
+        bn, bk = c["BLOCK_N"], gs * ng
+        split = _split(c.get("SPLIT_K", 1), k // bk, bk)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-        per = triton.cdiv(k // gs, split) * gs
+        per = triton.cdiv(k // bk, split) * bk
         _int4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
             x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
             m, n, k, g, per, 0x4B000000 if x2.dtype == torch.float32 else 0x3F800000,
             x2.stride(0), x2.stride(1), qweight.stride(0) // 4, scales.stride(0), zt.stride(0), y.stride(0),
             HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=split > 1,
-            BLOCK_N=bn, GS=gs, **c.launch_opts(),
+            BLOCK_N=bn, GS=gs, NG=ng, **c.launch_opts(),
         )
         if split > 1:
             splitk_reduce(partial, bias, y)
