@@ -276,6 +276,16 @@ def split_k_for(programs: int, k_steps: int, device: torch.device, max_split: in
     return split
 
 
+def runs_per_step(runs: int, want: int) -> int:
+    """GEMV steps: the largest power of two <= ``want`` dividing ``runs`` (the group- or
+    block-long runs of a row). Reading several runs of a row per step matters on GPUs: the bytes
+    each thread has in flight, not the instruction count, bound a decode GEMV's bandwidth."""
+    ng = max(1, want)
+    while runs % ng:
+        ng //= 2
+    return ng
+
+
 @triton.jit
 def _splitk_reduce_kernel(p_ptr, bias_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y[i] = sum_s p[s, i] (+ bias[i % N]), cast to y's dtype; y is contiguous [M, N]."""

@@ -35,6 +35,7 @@ from ._common import (
     mma_in,
     pick,
     rows_2d,
+    runs_per_step,
     small_int_to_float,
     split_k_for,
     splitk_reduce,
@@ -269,7 +270,7 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
         # Per-thread bytes in flight decide the bandwidth reached: NG=8 runs of 128 weights (512 B a
         # row) per step on 16 rows and 2 warps reads ~1.8 TB/s on an H100 (1 run of 64 B: ~1.4 TB/s).
         for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 8, 1), (32, 4, 4), (64, 1, 8)):
-            ng = _runs_per_step(k // gs, ng)
+            ng = runs_per_step(k // gs, ng)
             programs = triton.cdiv(n, bn) * m
             split = split_k_for(programs, k // (gs * ng), device, max_split=32, per_sm=4)
             gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split, "NG": ng}))
@@ -302,14 +303,6 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
     return dense + mm
 
 
-def _runs_per_step(runs: int, want: int) -> int:
-    """The largest power of two <= ``want`` that divides ``runs`` (GEMV runs of GS per step)."""
-    ng = max(1, want)
-    while runs % ng:
-        ng //= 2
-    return ng
-
-
 def _split(split: int, steps: int, step: int) -> int:
     """The number of K ranges actually used when ``steps`` steps are cut into ``split``."""
     per = triton.cdiv(steps, split)
@@ -323,7 +316,7 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
     zt = zeros if has_zero else scales
     if c.path == "gemv":
         gs = _pow2_divisor(g, 128)
-        ng = _runs_per_step(k // gs, c.get("NG", 1))
+        ng = runs_per_step(k // gs, c.get("NG", 1))
         bn, bk = c["BLOCK_N"], gs * ng
         split = _split(c.get("SPLIT_K", 1), k // bk, bk)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y

@@ -7,9 +7,9 @@ or uint8 with double quantization: ``absmax_code[a] * absmax_scale[blk // 256] +
 in the activation dtype, cached per device (64 bytes: one cache line, so the per-nibble
 lookups of a warp hit one L1 line).
 
-Paths (as for int4): ``gemv`` (few rows; one absmax block - at most 128 elements - per step,
-block sums scaled once), ``mm`` (tensor cores, the absmax applied to the fp32 tile per K
-step) when ``K % blocksize == 0``, and ``dense`` (dequantize, then cuBLAS) for large M or
+Paths (as for int4): ``gemv`` (few rows; NG runs of at most 128 elements a step, each within
+one absmax block, block sums scaled once), ``mm`` (tensor cores, the absmax applied to the fp32
+tile per K step) when ``K % blocksize == 0``, and ``dense`` (dequantize, then cuBLAS) for large M or
 layouts whose blocks straddle rows.
 """
 
@@ -29,6 +29,7 @@ from ._common import (
     mma_in,
     pick,
     rows_2d,
+    runs_per_step,
     split_k_for,
     splitk_reduce,
     with_unsplit,
@@ -69,13 +70,15 @@ def _nf4_gemv_kernel(
     M, N, K, BS, k_per_split,
     stride_xm, stride_xk, stride_ym,
     DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, GS: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
 ):
-    """One row of x against BLOCK_N rows of W; each step GS elements of one absmax block.
+    """One row of x against BLOCK_N rows of W; each step NG runs of GS elements, each run within
+    one absmax block; every load of a step is issued one step ahead.
 
     The weight is read as int32 words (bytes 4j..4j+3 = elements 8j..8j+7; element 8j+i in
     bits 8*(i//2) + 4*(1 - i%2)); each nibble indexes the 16-entry float32 table.
     """
+    BK: tl.constexpr = GS * NG
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
@@ -83,22 +86,26 @@ def _nf4_gemv_kernel(
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
     qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
-    q_ptrs = qw_ptr + rows64[:, None] * (K // 8) + tl.arange(0, GS // 8)[None, :]
-    x_ptrs = x_ptr + m * stride_xm + tl.arange(0, GS) * stride_xk
-    blocks_per_row = K // BS
+    q_ptrs = qw_ptr + rows64[:, None] * (K // 8) + tl.arange(0, BK // 8)[None, :]
+    x_ptrs = x_ptr + m * stride_xm + tl.arange(0, BK) * stride_xk
+    blk0 = rows64[:, None] * (K // BS)
+    runs = GS * tl.arange(0, NG)[None, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    wd_next = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
-    for k0 in range(k_lo, k_hi, GS):
-        wd = wd_next
-        k_next = tl.minimum(k0 + GS, k_hi - GS)
-        wd_next = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
-        xv = tl.load(x_ptrs + k0 * stride_xk).to(tl.float32)
+    wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
+    am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_lo + runs) // BS, n_mask[:, None], DQ)
+    xv_n = tl.load(x_ptrs + k_lo * stride_xk)
+    for k0 in range(k_lo, k_hi, BK):
+        wd, am, xv = wd_n, am_n, xv_n
+        k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
+        wd_n = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
+        am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
+                       n_mask[:, None], DQ)
+        xv_n = tl.load(x_ptrs + k_next * stride_xk)
         w = _nf4_spread(wd, lut_ptr)
-        qx = tl.sum(w * xv[None, :], axis=1)
-        am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
-        acc += am * qx
+        qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
+        acc += tl.sum(am * qx, axis=1)
     if PARTIAL:
         tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
     else:
@@ -210,9 +217,10 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
         return dense
     gs = min(bs, 128)
     gemv = []
-    for bn, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8)):
-        split = split_k_for(triton.cdiv(n, bn) * m, k // gs, device, max_split=32, per_sm=4)
-        gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split}))
+    for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 4, 2), (32, 4, 4), (64, 1, 8)):
+        ng = runs_per_step(k // gs, ng)
+        split = split_k_for(triton.cdiv(n, bn) * m, k // (gs * ng), device, max_split=32, per_sm=4)
+        gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split, "NG": ng}))
     gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
@@ -250,14 +258,15 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
     bvec = bias if bias is not None else am
     if c.path == "gemv":
         gs = min(bs, 128)
-        bn = c["BLOCK_N"]
-        split = _split(c.get("SPLIT_K", 1), k // gs)
-        per = triton.cdiv(k // gs, split) * gs
+        ng = runs_per_step(k // gs, c.get("NG", 1))
+        bn, bk = c["BLOCK_N"], gs * ng
+        split = _split(c.get("SPLIT_K", 1), k // bk)
+        per = triton.cdiv(k // bk, split) * bk
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         _nf4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
             x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, torch.float32),
             bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
-            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, **c.launch_opts(),
+            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, NG=ng, **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]

@@ -98,20 +98,6 @@ def test_int4_paths(device, dtype):
             _check(kern.int4_matmul(*args, config=path), ref, dtype, f"int4 {path} {(m, k, n, g, sym)}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_int4_gemv_runs_per_step(device, dtype):
-    """The int4 GEMV with 1, 2 and 4 group runs a step (NG), split or not, with and without zeros."""
-    from lowbit.kernels_triton._common import cfg
-
-    kern = _kernels("int4")
-    for m, k, n, g, sym, split, ng in ((1, 256, 40, 32, False, 1, 4), (3, 192, 17, 64, True, 2, 1),
-                                       (2, 512, 9, 64, False, 2, 2)):
-        c = cfg("gemv", BLOCK_N=16, num_warps=2, extra={"SPLIT_K": split, "NG": ng})
-        args = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=sym, bias=True), device)
-        _check(kern.int4_matmul(*args, config=c), reference.int4_matmul(*args), dtype, f"int4 gemv {(m, k, n, g, ng)}")
-
-
 NF4_SHAPES = [  # (M, K, N, blocksize, double_quant)
     (1, 256, 40, 64, False), (3, 384, 24, 128, True), (5, 128, 33, 32, False), (2, 100, 7, 64, True),
     (17, 256, 20, 256, True),
@@ -129,6 +115,26 @@ def test_nf4_paths(device, dtype):
         ref = reference.nf4_matmul(*args)
         for path in _paths(kern.candidates(m, n, k, bs, dtype, torch.device(device))):
             _check(kern.nf4_matmul(*args, config=path), ref, dtype, f"nf4 {path} {(m, k, n, bs, dq)}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["int4", "nf4"])
+def test_gemv_runs_per_step(device, dtype, op):
+    """The int4/nf4 GEMVs with 1, 2 and 4 group/block runs a step (NG), split-K or not."""
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels(op)
+    for m, k, n, g, flag, split, ng in ((1, 256, 40, 32, False, 1, 4), (3, 192, 17, 64, True, 2, 1),
+                                        (2, 512, 9, 64, False, 2, 2)):
+        c = cfg("gemv", BLOCK_N=16, num_warps=2, extra={"SPLIT_K": split, "NG": ng})
+        if op == "int4":
+            args = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=flag, bias=True), device)
+            out, ref = kern.int4_matmul(*args, config=c), reference.int4_matmul(*args)
+        else:
+            args = to_device(nf4_args(m, k, n, dtype, blocksize=g, double_quant=flag), device)
+            out, ref = kern.nf4_matmul(*args, config=c), reference.nf4_matmul(*args)
+        _check(out, ref, dtype, f"{op} gemv {(m, k, n, g, ng)}")
 
 
 TERNARY_SHAPES = [(1, 256, 40, False), (3, 384, 26, True), (5, 132, 33, False), (2, 100, 7, True),
