@@ -359,4 +359,10 @@ else:  # Triton's interpreter cannot bitcast to bfloat16, and its bfloat16 tl.do
             return x
 
 
+def inline_ptx_ok(device: torch.device) -> bool:
+    """Whether kernels may use inline PTX (NVIDIA GPUs; not ROCm or XPU). The interpreter runs
+    the plain-Triton emulation that stands in for each such instruction."""
+    return INTERPRET or (device.type == "cuda" and torch.version.hip is None)
+
+
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -22,11 +22,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    INTERPRET,
     Config,
     cache_for,
     cfg,
     contiguous_rows,
     finish,
+    inline_ptx_ok,
     m_bucket,
     pick,
     rows_2d,
@@ -94,8 +96,15 @@ def _ternary_gemv_kernel(
     M, N, R, K, k_per_split, one_bits, zero,
     stride_xm, stride_xk, stride_qr, stride_ym,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DP4A: tl.constexpr,
 ):
+    """BLOCK_R byte rows (4 * BLOCK_R output rows) of one row of x; each step BLOCK_K columns.
+
+    ``DP4A`` (NVIDIA): x_q packed as int8x4 words; per int32 word of weights (4 columns x 4
+    output rows) one shift + AND picks a row's 4 codes and one ``dp4a`` adds their products to
+    an int32 accumulator: 3 instructions per 4 weights, exact. Otherwise one float FMA per
+    weight on ``1 + c/4`` (module docstring).
+    """
     pid_r = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
@@ -107,13 +116,58 @@ def _ternary_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
     q_ptrs = qw_ptr + offs_r.to(tl.int64)[:, None] * stride_qr + offs_kw[None, :]
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if DP4A:
+        xq_sum = tl.zeros([1], dtype=tl.float32)
+        a0 = tl.zeros([BLOCK_R, BLOCK_K // 4], dtype=tl.int32)
+        a1 = tl.zeros([BLOCK_R, BLOCK_K // 4], dtype=tl.int32)
+        a2 = tl.zeros([BLOCK_R, BLOCK_K // 4], dtype=tl.int32)
+        a3 = tl.zeros([BLOCK_R, BLOCK_K // 4], dtype=tl.int32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0)
+            else:
+                wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
+            q0 = _quant_at(x_row, k0 + 4 * offs_kw, stride_xk, k_hi, xs, zero, EVEN_K)
+            q1 = _quant_at(x_row, k0 + 4 * offs_kw + 1, stride_xk, k_hi, xs, zero, EVEN_K)
+            q2 = _quant_at(x_row, k0 + 4 * offs_kw + 2, stride_xk, k_hi, xs, zero, EVEN_K)
+            q3 = _quant_at(x_row, k0 + 4 * offs_kw + 3, stride_xk, k_hi, xs, zero, EVEN_K)
+            xq_sum += tl.sum(((q0 + q1) + (q2 + q3))[None, :], axis=1)
+            xw = ((q0.to(tl.int32) & 0xFF) | ((q1.to(tl.int32) & 0xFF) << 8) | ((q2.to(tl.int32) & 0xFF) << 16)
+                  | (q3.to(tl.int32) << 24))
+            xw = tl.broadcast_to(xw[None, :], [BLOCK_R, BLOCK_K // 4])
+            a0 = _dp4a(wd & 0x03030303, xw, a0)
+            a1 = _dp4a((wd >> 2) & 0x03030303, xw, a1)
+            a2 = _dp4a((wd >> 4) & 0x03030303, xw, a2)
+            a3 = _dp4a((wd >> 6) & 0x03030303, xw, a3)
+        # sum (c - 1) x_q = sum c x_q - X (exact), then / (x_scale * weight_scale)
+        f0 = tl.sum(a0, axis=1).to(tl.float32) - xq_sum
+        f1 = tl.sum(a1, axis=1).to(tl.float32) - xq_sum
+        f2 = tl.sum(a2, axis=1).to(tl.float32) - xq_sum
+        f3 = tl.sum(a3, axis=1).to(tl.float32) - xq_sum
+    else:
+        f0, f1, f2, f3 = _ternary_gemv_float(x_row, q_ptrs, r_mask, offs_kw, offs_k, xs, zero, k_lo, k_hi,
+                                             stride_xk, one_bits, EVEN_K, BLOCK_R, BLOCK_K)
+    _ternary_store(f0, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f1, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f2, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _ternary_gemv_float(x_row, q_ptrs, r_mask, offs_kw, offs_k, xs, zero, k_lo, k_hi, stride_xk, one_bits,
+                        EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float GEMV loop: the four row ranges' ``sum (c - 1) x_q``."""
     f0 = tl.zeros([BLOCK_R], dtype=tl.float32)
     f1 = tl.zeros([BLOCK_R], dtype=tl.float32)
     f2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     f3 = tl.zeros([BLOCK_R], dtype=tl.float32)
     xq_sum = tl.zeros([1], dtype=tl.float32)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:  # no K tail: unmasked (vectorized) loads
             wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0)
@@ -127,15 +181,38 @@ def _ternary_gemv_kernel(
         f1 += tl.sum(_spread4(wd, 1, one_bits) * xq[None, :], axis=1)
         f2 += tl.sum(_spread4(wd, 2, one_bits) * xq[None, :], axis=1)
         f3 += tl.sum(_spread4(wd, 3, one_bits) * xq[None, :], axis=1)
-    # sum (c - 1) x_q = 4 F - 5 X (exact), then / (x_scale * weight_scale)
-    _ternary_store(4.0 * f0 - 5.0 * xq_sum, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(4.0 * f1 - 5.0 * xq_sum, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(4.0 * f2 - 5.0 * xq_sum, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(4.0 * f3 - 5.0 * xq_sum, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    # sum (c - 1) x_q = 4 F - 5 X (exact)
+    return 4.0 * f0 - 5.0 * xq_sum, 4.0 * f1 - 5.0 * xq_sum, 4.0 * f2 - 5.0 * xq_sum, 4.0 * f3 - 5.0 * xq_sum
+
+
+@triton.jit
+def _quant_at(x_row, k, stride_xk, k_hi, xs, zero, EVEN_K: tl.constexpr):
+    """x_q at columns ``k`` (0 past ``k_hi``)."""
+    if EVEN_K:
+        v = tl.load(x_row + k * stride_xk)
+    else:
+        v = tl.load(x_row + k * stride_xk, mask=k < k_hi, other=0.0)
+    return _quant(v.to(tl.float32), xs, zero)
+
+
+if not INTERPRET:
+
+    @triton.jit
+    def _dp4a(a, b, c):
+        """``c + sum_t a.byte[t] * b.byte[t]`` (a unsigned, b signed bytes), int32."""
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+else:
+
+    @triton.jit
+    def _dp4a(a, b, c):
+        s = c
+        s += (a & 0xFF) * ((b << 24) >> 24)
+        s += ((a >> 8) & 0xFF) * ((b << 16) >> 24)
+        s += ((a >> 16) & 0xFF) * ((b << 8) >> 24)
+        s += ((a >> 24) & 0xFF) * (b >> 24)
+        return s
 
 
 @triton.jit
@@ -246,9 +323,11 @@ def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     r = triton.cdiv(n, 4)
     gemv = []
     if k % 4 == 0:
-        for br, bk, w in ((16, 512, 4), (8, 1024, 4), (32, 512, 8), (16, 1024, 8), (4, 1024, 2)):
-            split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=32, per_sm=4)
-            gemv.append(cfg("gemv", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=2, extra={"SPLIT_K": split}))
+        for dp4a in ((1, 0) if inline_ptx_ok(device) else (0,)):
+            for br, bk, w in ((16, 512, 4), (8, 1024, 4), (32, 512, 8), (16, 1024, 8), (4, 1024, 2)):
+                split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=32, per_sm=4)
+                gemv.append(cfg("gemv", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=2,
+                                extra={"SPLIT_K": split, "DP4A": dp4a}))
         gemv = with_unsplit(gemv)
     mm = []
     if m > 1 or not gemv:
@@ -286,7 +365,7 @@ def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
             x2, qweight, weight_scale, bvec, y, partial,
             m, n, r, k, per, 0x3F800000, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
             PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
-            BLOCK_R=br, BLOCK_K=bk, **c.launch_opts(),
+            BLOCK_R=br, BLOCK_K=bk, DP4A=bool(c.get("DP4A", 0)), **c.launch_opts(),
         )
     else:
         bm, br, bk = c["BLOCK_M"], c["BLOCK_R"], c["BLOCK_K"]

@@ -154,6 +154,21 @@ def test_ternary_paths(device, dtype):
             _check(kern.ternary_matmul(*args, config=path), ref, dtype, f"ternary {path} {(m, k, n, per_row)}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dp4a", [0, 1])
+def test_ternary_gemv_dp4a_and_float_loops(device, dp4a):
+    """Both ternary GEMV loops (int8x4 ``dp4a`` and float), K tail or not, split-K or not."""
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels("ternary")
+    for m, k, n, per_row, bk, split in ((1, 256, 40, False, 64, 1), (2, 100, 7, True, 64, 2),
+                                        (3, 384, 26, False, 128, 2)):
+        args = to_device(ternary_args(m, k, n, torch.float16, per_row=per_row), device)
+        c = cfg("gemv", BLOCK_R=8, BLOCK_K=bk, num_warps=2, extra={"SPLIT_K": split, "DP4A": dp4a})
+        _check(kern.ternary_matmul(*args, config=c), reference.ternary_matmul(*args), torch.float16,
+               f"ternary gemv dp4a={dp4a} {(m, k, n)}")
+
+
 SPARSE_SHAPES = [(1, 256, 40), (3, 384, 26), (5, 136, 33), (17, 256, 64)]
 SPARSE_SHAPES_GPU = [(1, 4096, 1000), (3, 2056, 522), (16, 1024, 777), (300, 1024, 384)]
 
