@@ -404,3 +404,15 @@ def test_config_cache_tunes_once_per_shape(monkeypatch):
     assert cache.chosen()[key] is chosen and len(cache.timings) == 1
     torch.testing.assert_close(out, out2)
     _check(out, reference.int4_matmul(*args), torch.float16)
+
+
+def test_tuner_prefers_device_time_among_host_bound_ties():
+    from lowbit.kernels_triton._common import best_of, cfg
+
+    a, b, c = cfg("gemv", BLOCK_N=8), cfg("gemv", BLOCK_N=16), cfg("gemv", BLOCK_N=32)
+    # all host-bound (~40 us to enqueue): the device time decides
+    assert best_of([(a, 20e-6, 40e-6), (b, 12e-6, 41e-6), (c, 30e-6, 40.5e-6)]) is b
+    # one is clearly cheaper eagerly: it wins even with a longer device time
+    assert best_of([(a, 20e-6, 80e-6), (b, 25e-6, 30e-6)]) is b
+    # device-bound: the fastest kernel
+    assert best_of([(a, 90e-6, 30e-6), (b, 80e-6, 60e-6)]) is b
