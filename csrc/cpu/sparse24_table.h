@@ -27,6 +27,7 @@ inline void prefetch_row(const Sparse24MatmulArgs& a, int vbytes, int64_t n, int
 }
 
 constexpr int64_t kChunkTiles = 80;  // outer-product: weight tiles packed at a time (panel in L2)
+constexpr int64_t kGroupTiles = 8;   // outer-product: tiles run back to back on one table (partial sums in L1)
 constexpr int64_t kMaxMRange = 512;  // outer-product: x rows per work item, at most
 
 struct OuterPlan {
@@ -87,40 +88,39 @@ void store_transposed(const Sparse24MatmulArgs& a, int64_t m0, int64_t mrows, in
 //   * the tables of every x block of the range and every KG-group sub-block are built (each
 //     table fits L1; all of them L2/L3);
 //   * the rows are packed kChunkTiles tiles at a time (the panel stays in L2 and is read once
-//     per x block), and for each x block and each sub-block table, every tile of the chunk runs
-//     over that table: a table is loaded into L1 once per chunk and x block, and the tiles'
-//     partial sums stream through L1 (read and written once per table; sequential, prefetched).
-// Partial sums live in a per-thread [x block][rows][MC] buffer.
+//     per x block), and for each x block, kGroupTiles tiles at a time run over the sub-block
+//     tables in turn: a table is loaded into L1 once per kGroupTiles tiles, and those tiles'
+//     partial sums stay in L1 across the sub-blocks.
+// Partial sums live in a per-thread [x block][rows][MC] buffer, read and written once per K block.
 // K provides NR, MC, W, VBYTES, KG (groups per table), KP (groups per K block, a multiple of
-// KG), TILE_BYTES (a packed tile of one K block), table_bytes(),
-//   pack_tile(a, rows, g0, ng, uint8_t* dst) -> bool: the NR weight rows rows[0..NR) (a short
-//     last tile repeats its last row), groups [g0, g0 + ng), in the kernel's tile layout; true if
-//     a table needs its extra slots;
+// KG), WORDS (32-bit words of a packed entry), table_bytes(),
+//   pack_row(a, n, g0, ng, uint32_t* dst) -> bool: row n's entries for groups [g0, g0 + ng),
+//     word j of group g0 + g at dst[j * KP + g], slot offsets relative to the group's table
+//     (group g0 + g is at (g % KG) in it); true if a table needs its extra slots;
 //   build(a, m0, mrows, g0, ng, extra, table): the table of x rows [m0, m0 + mrows) and
 //     groups [g0, g0 + ng);
-//   tile(mv, tile_panel, tb, ng, table, c, first): one tile over the ng groups of sub-block tb.
+//   tile(mv, panel, ng, table, c, first): one tile over ng groups (its row i at panel + i * WORDS * KP).
 template <class K>
 void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
   static_assert(K::KP % K::KG == 0, "a K block holds whole tables");
-  static_assert(K::TILE_BYTES % 64 == 0, "packed tiles stay 64-byte aligned");
   const OuterPlan p = make_outer_plan(a, num_threads, K::NR, K::MC);
   const int64_t rows_pad = p.rows_per_part + K::NR;
   const int64_t chunk_rows = kChunkTiles * K::NR;
   const int64_t max_mblocks = p.mrange / K::MC;
   constexpr int64_t kTables = K::KP / K::KG;
+  constexpr int64_t kRowWords = K::WORDS * K::KP;
   struct Scratch {
-    std::vector<uint8_t> panel;
+    std::vector<uint32_t> panel;
     std::vector<uint8_t> tables;
     std::vector<float> cpart;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(p.threads));
   for (Scratch& s : scratch) {
-    s.panel.resize(static_cast<size_t>((kChunkTiles + 1) * K::TILE_BYTES + 64));
+    s.panel.resize(static_cast<size_t>((chunk_rows + K::NR) * kRowWords));
     s.tables.resize(static_cast<size_t>(max_mblocks * kTables * K::table_bytes() + 64));
     s.cpart.resize(static_cast<size_t>(p.mrange * rows_pad));
   }
   const int64_t G = a.K / 4;
-  auto align64 = [](uint8_t* q) { return q + ((64 - reinterpret_cast<uintptr_t>(q) % 64) % 64); };
   parallel_for(p.nparts * p.nmranges, p.threads, [&](int64_t task, int thread) {
     Scratch& s = scratch[static_cast<size_t>(thread)];
     const int64_t n_begin = (task % p.nparts) * p.rows_per_part;
@@ -129,8 +129,7 @@ void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
     const int64_t m_end = std::min(a.M, m_begin + p.mrange);
     const int64_t mblocks = (m_end - m_begin + K::MC - 1) / K::MC;
     const int64_t rows = n_end - n_begin;
-    uint8_t* tables = align64(s.tables.data());
-    uint8_t* panel = align64(s.panel.data());
+    uint8_t* tables = s.tables.data() + ((64 - reinterpret_cast<uintptr_t>(s.tables.data()) % 64) % 64);
     auto table_at = [&](int64_t mb, int64_t tb) { return tables + (mb * kTables + tb) * K::table_bytes(); };
     for (int64_t gp = 0; gp < G; gp += K::KP) {
       const int64_t npg = std::min<int64_t>(K::KP, G - gp);
@@ -148,14 +147,11 @@ void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
       for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
         const int64_t tiles = (std::min(chunk_rows, rows - r0) + K::NR - 1) / K::NR;
         bool extra = false;
-        for (int64_t t = 0; t < tiles; ++t) {
-          int64_t trows[K::NR];
-          for (int i = 0; i < K::NR; ++i) {
-            const int64_t row = r0 + t * K::NR + i;
-            if (row + kPackPrefetchRows < rows) prefetch_row(a, K::VBYTES, n_begin + row + kPackPrefetchRows, gp, npg);
-            trows[i] = std::min(n_begin + row, n_end - 1);  // a short last tile repeats its last row
-          }
-          extra |= K::pack_tile(a, trows, gp, npg, panel + t * K::TILE_BYTES);
+        for (int64_t row = 0; row < tiles * K::NR; ++row) {
+          if (r0 + row + kPackPrefetchRows < rows)
+            prefetch_row(a, K::VBYTES, n_begin + r0 + row + kPackPrefetchRows, gp, npg);
+          const int64_t n = std::min(n_begin + r0 + row, n_end - 1);  // a short last tile repeats its last row
+          extra |= K::pack_row(a, n, gp, npg, s.panel.data() + row * kRowWords);
         }
         if (extra && !tables_extra) {  // illegal nibbles: fill in the extra slots of this block's tables
           build_all(true);
@@ -166,24 +162,28 @@ void run_outer(const Sparse24MatmulArgs& a, int num_threads) {
         const int64_t next_n = n_begin + (last_chunk ? 0 : r0 + chunk_rows);
         const int64_t next_g = last_chunk ? gp + K::KP : gp;
         const int64_t next_ng = std::min<int64_t>(K::KP, G - next_g);
-                const int64_t next_rows = next_g >= G ? 0 : std::min(chunk_rows, n_end - next_n);
-        // While the tiles compute, bring the weights the next packing step reads into L2
-        // (packing reads short runs of many rows: latency-bound unless prefetched), spread
-        // evenly over the tile calls so that the prefetches stay within the miss buffers.
-        const int64_t calls = mblocks * ntab * tiles;
-        int64_t call = 0, fetched = 0;
+        // (With one x block the tiles are too short to hide it, and the lines would crowd out
+        // the panel and tables: then packing prefetches for itself.)
+        const int64_t next_rows = next_g >= G || mblocks == 1 ? 0 : std::min(chunk_rows, n_end - next_n);
         for (int64_t mb = 0; mb < mblocks; ++mb) {
           const int64_t mrows = std::min<int64_t>(K::MC, m_end - m_begin - mb * K::MC);
           const int mv = static_cast<int>((mrows + K::W - 1) / K::W);
           float* c = s.cpart.data() + (mb * rows_pad + r0) * K::MC;  // [x block][row][MC]
-          for (int64_t tb = 0; tb < ntab; ++tb) {
-            const int64_t ng = std::min<int64_t>(K::KG, npg - tb * K::KG);
-            const uint8_t* table = table_at(mb, tb);
-            const bool first = gp == 0 && tb == 0;
-            for (int64_t t = 0; t < tiles; ++t, ++call) {
-              for (const int64_t want = (call + 1) * next_rows / calls; fetched < want; ++fetched)
-                prefetch_row<_MM_HINT_T1>(a, K::VBYTES, next_n + fetched, next_g, next_ng);
-              K::tile(mv, panel + t * K::TILE_BYTES, tb, ng, table, c + t * K::NR * K::MC, first);
+          // While the tiles compute, bring the weights the next packing step reads into L2
+          // (packing reads short runs of many rows: latency-bound unless prefetched).
+          const int64_t steps = mblocks * ((tiles + kGroupTiles - 1) / kGroupTiles);
+          const int64_t per_step = (next_rows + steps - 1) / steps;
+          for (int64_t t0 = 0; t0 < tiles; t0 += kGroupTiles) {
+            const int64_t t1 = std::min(tiles, t0 + kGroupTiles);
+            const int64_t step = mb * ((tiles + kGroupTiles - 1) / kGroupTiles) + t0 / kGroupTiles;
+            for (int64_t r = step * per_step; r < std::min(next_rows, (step + 1) * per_step); ++r)
+              prefetch_row<_MM_HINT_T1>(a, K::VBYTES, next_n + r, next_g, next_ng);
+            for (int64_t tb = 0; tb < ntab; ++tb) {
+              const int64_t ng = std::min<int64_t>(K::KG, npg - tb * K::KG);
+              const uint8_t* table = table_at(mb, tb);
+              for (int64_t t = t0; t < t1; ++t)
+                K::tile(mv, s.panel.data() + t * K::NR * kRowWords + tb * K::KG, ng, table, c + t * K::NR * K::MC,
+                        gp == 0 && tb == 0);
             }
           }
         }
@@ -237,15 +237,8 @@ struct XtKernel {
   static constexpr int64_t KP = 128;  // groups per K block
   static constexpr int VBYTES = VD == kFloat32 ? 4 : 2;
   static constexpr int WORDS = 4;  // offsets of the two columns (bytes), the two values (fp32)
-  static constexpr int64_t TILE_BYTES = int64_t{NR} * WORDS * KP * 4;  // rows [NR][WORDS][KP]
   static int64_t table_bytes() { return 4 * KG * MC * 4; }
 
-  static bool pack_tile(const Sparse24MatmulArgs& a, const int64_t* rows, int64_t g0, int64_t ng, uint8_t* dst) {
-    for (int i = 0; i < NR; ++i) pack_row(a, rows[i], g0, ng, reinterpret_cast<uint32_t*>(dst) + i * WORDS * KP);
-    return false;
-  }
-
-  // row n's entries for groups [g0, g0 + ng): word j of group g0 + g at dst[j * KP + g].
   static bool pack_row(const Sparse24MatmulArgs& a, int64_t n, int64_t g0, int64_t ng, uint32_t* dst) {
     const uint8_t* mp = a.meta + n * (a.K / 8) + g0 / 2;
     const int64_t voff = n * (a.K / 2) + 2 * g0;
@@ -295,8 +288,7 @@ struct XtKernel {
       for (int r = 0; r < V; ++r) VecF::store(c + i * MC + r * W, acc[i][r]);
   }
 
-  static void tile(int mv, const uint8_t* tp, int64_t tb, int64_t ng, const uint8_t* xt, float* c, bool first) {
-    const uint32_t* e = reinterpret_cast<const uint32_t*>(tp) + tb * KG;
+  static void tile(int mv, const uint32_t* e, int64_t ng, const uint8_t* xt, float* c, bool first) {
     switch (mv) {
       case 1: tile_mv<1>(e, ng, xt, c, first); break;
       case 2: tile_mv<2>(e, ng, xt, c, first); break;
@@ -353,19 +345,8 @@ constexpr XpPackTables make_xp_pack_tables(int64_t slot_bytes, int64_t extra_bas
 
 // bf16 math: XP[g][slot][m] (dword) = the bf16 pair (x[m0 + m, 4(g0 + g) + (nib & 3)],
 // x[.., 4(g0 + g) + (nib >> 2)]) of the slot's nibble; legal slots [KG][6][MC] first, the
-// illegal ones [KG][10][MC] after. A stored value pair (one dword of `values`) times 16 x rows
-// is one vdpbf16ps of the broadcast pair and the slot's vector.
-//
-// The micro-tile is bound by loads, not by the multiply-adds: Zen 5 issues 2 vector loads and
-// 2 vdpbf16ps a cycle, and every vdpbf16ps here needs its own x vector (the slot depends on the
-// weight). Per (row, group) it runs MV vdpbf16ps with their x vectors as memory operands, one
-// broadcast load of the weight pair, and takes the slot's table offset from a 16-bit field of a
-// general register (one 64-bit load serves 4 groups), so that ~1.25 vector loads feed each
-// vdpbf16ps (measured: 1.5-1.6 vdpbf16ps a cycle on L1 data, where a 32-bit offset load per
-// (row, group) gave 1.3).
-//
-// Packed tile (one K block of KP groups, NR rows): offs [KP/4][NR] uint64 (the 16-bit table
-// offsets of groups 4q..4q+3, low bits first), then w [NR][KP] uint32 (the value pairs).
+// illegal ones [KG][10][MC] after. An entry holds the slot's byte offset and the value pair
+// (one dword of `values`): a stored pair times 16 x rows is one vdpbf16ps.
 struct XpKernel {
   static constexpr int W = 16;
   static constexpr int MV = 4;   // zmm of 16 x rows per micro-tile
@@ -377,17 +358,16 @@ struct XpKernel {
   static constexpr int64_t SLOT = MC * 4;
   static constexpr int64_t EXTRA_BASE = KG * kXpLegalSlots * SLOT;
   static constexpr XpPackTables kXpPack = make_xp_pack_tables(SLOT, EXTRA_BASE);
-  static constexpr int64_t OFFS_BYTES = KP * NR * 2;
-  static constexpr int64_t TILE_BYTES = OFFS_BYTES + KP * NR * 4;
-  static constexpr int64_t TABLE_BYTES = KG * 16 * SLOT;
-  static_assert(TABLE_BYTES <= 65536, "table offsets are 16-bit");
-  static int64_t table_bytes() { return TABLE_BYTES; }
+  static constexpr int WORDS = 2;  // byte offset of the slot, the value pair
+  static int64_t table_bytes() { return KG * 16 * SLOT; }
 
   // Vectorized, 16 groups per step, no mask registers (slow on AMD): the nibbles of 8 meta
   // bytes widened to dwords index 16-entry tables (vpermd) of the slot offset and of whether
   // the nibble is illegal; offset = base[nib] + g * 6 * SLOT (+ g * 4 * SLOT if illegal).
-  static bool pack_tile(const Sparse24MatmulArgs& a, const int64_t* rows, int64_t g0, int64_t ng, uint8_t* dst) {
-    static_assert(KG % 16 == 0 && (KG & (KG - 1)) == 0 && KP % 16 == 0, "pack_tile works in steps of 16 groups");
+  static bool pack_row(const Sparse24MatmulArgs& a, int64_t n, int64_t g0, int64_t ng, uint32_t* dst) {
+    static_assert(KG % 16 == 0 && (KG & (KG - 1)) == 0 && KP % 16 == 0, "pack_row works in steps of 16 groups");
+    const uint8_t* mp = a.meta + n * (a.K / 8) + g0 / 2;
+    const uint8_t* vp = static_cast<const uint8_t*>(a.values) + n * a.K + 4 * g0;  // K/2 bf16 = K bytes a row
     const __m512i base = _mm512_load_si512(kXpPack.base);
     const __m512i illegal = _mm512_load_si512(kXpPack.illegal);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -395,40 +375,28 @@ struct XpKernel {
     const __m512i extra_step = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>((16 - 2 * kXpLegalSlots) * SLOT)));
     const __m128i low4 = _mm_set1_epi8(0x0F);
     __m512i any = _mm512_setzero_si512();
-    uint8_t* offs = dst;
-    uint32_t* w = reinterpret_cast<uint32_t*>(dst + OFFS_BYTES);
-    for (int i = 0; i < NR; ++i) {
-      const uint8_t* mp = a.meta + rows[i] * (a.K / 8) + g0 / 2;
-      const uint8_t* vp = static_cast<const uint8_t*>(a.values) + rows[i] * a.K + 4 * g0;  // K/2 bf16 = K bytes a row
-      for (int64_t g = 0; g < ng; g += 16) {
-        const int64_t cnt = std::min<int64_t>(16, ng - g);  // even
-        __m128i mb;
-        __m512i pairs;
-        if (cnt == 16) {
-          mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mp + g / 2));
-          pairs = _mm512_loadu_si512(vp + 4 * g);
-        } else {  // the row's last groups: read no further than the row
-          mb = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (cnt / 2)) - 1u), mp + g / 2);
-          pairs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << cnt) - 1u), vp + 4 * g);
-        }
-        const __m128i nib8 = _mm_unpacklo_epi8(_mm_and_si128(mb, low4), _mm_and_si128(_mm_srli_epi16(mb, 4), low4));
-        const __m512i nib = _mm512_cvtepu8_epi32(nib8);  // groups g..g+15, in order (0 past cnt)
-        __m512i bad = _mm512_permutexvar_epi32(nib, illegal);
-        // (g % KG) is 0 here: KG is a multiple of 16, so lane l is group l of its table.
-        __m512i off = _mm512_add_epi32(_mm512_permutexvar_epi32(nib, base), legal_step);
-        off = _mm512_add_epi32(off, _mm512_and_si512(bad, extra_step));
-        if (cnt < 16) bad = _mm512_maskz_mov_epi32(static_cast<__mmask16>((1u << cnt) - 1u), bad);
-        any = _mm512_or_si512(any, bad);
-        // Full-width stores (a tile has room for KP groups; entries past ng are never read).
-        const __m256i o16 = _mm512_cvtepi32_epi16(off);  // groups g..g+15: 4 quads of 16-bit offsets
-        const __m128i lo = _mm256_castsi256_si128(o16), hi = _mm256_extracti128_si256(o16, 1);
-        uint8_t* q = offs + ((g / 4) * NR + i) * 8;
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(q), lo);
-        _mm_storeh_pd(reinterpret_cast<double*>(q + NR * 8), _mm_castsi128_pd(lo));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + 2 * NR * 8), hi);
-        _mm_storeh_pd(reinterpret_cast<double*>(q + 3 * NR * 8), _mm_castsi128_pd(hi));
-        _mm512_storeu_si512(w + i * KP + g, pairs);
+    for (int64_t g = 0; g < ng; g += 16) {
+      const int64_t cnt = std::min<int64_t>(16, ng - g);  // even
+      __m128i mb;
+      __m512i pairs;
+      if (cnt == 16) {
+        mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mp + g / 2));
+        pairs = _mm512_loadu_si512(vp + 4 * g);
+      } else {  // the row's last groups: read no further than the row
+        mb = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (cnt / 2)) - 1u), mp + g / 2);
+        pairs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << cnt) - 1u), vp + 4 * g);
       }
+      const __m128i nib8 = _mm_unpacklo_epi8(_mm_and_si128(mb, low4), _mm_and_si128(_mm_srli_epi16(mb, 4), low4));
+      const __m512i nib = _mm512_cvtepu8_epi32(nib8);  // groups g..g+15, in order (0 past cnt)
+      __m512i bad = _mm512_permutexvar_epi32(nib, illegal);
+      // (g % KG) is 0 here: KG is a multiple of 16, so lane l is group l of its table.
+      __m512i off = _mm512_add_epi32(_mm512_permutexvar_epi32(nib, base), legal_step);
+      off = _mm512_add_epi32(off, _mm512_and_si512(bad, extra_step));
+      if (cnt < 16) bad = _mm512_maskz_mov_epi32(static_cast<__mmask16>((1u << cnt) - 1u), bad);
+      any = _mm512_or_si512(any, bad);
+      // Full-width stores (a panel row has room for KP groups; entries past ng are never read).
+      _mm512_storeu_si512(dst + g, off);
+      _mm512_storeu_si512(dst + KP + g, pairs);
     }
     return _mm512_test_epi32_mask(any, any) != 0;
   }
@@ -466,45 +434,32 @@ struct XpKernel {
     }
   }
 
-  // One (row, group) step: V vdpbf16ps of the broadcast pair and the slot's x vectors.
   template <int V>
-  static inline __attribute__((always_inline)) void step(__m512 (&acc)[V], const uint8_t* p, uint32_t pair) {
-    const __m512bh wv = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
-#pragma GCC unroll 4
-    for (int r = 0; r < V; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wv, as_bh(_mm512_loadu_si512(p + 64 * r)));
-  }
-
-  template <int V>
-  static void tile_mv(const uint8_t* tp, int64_t tb, int64_t ng, const uint8_t* xp, float* c, bool first) {
-    const uint64_t* offs = reinterpret_cast<const uint64_t*>(tp) + tb * (KG / 4) * NR;
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(tp + OFFS_BYTES) + tb * KG;
+  static void tile_mv(const uint32_t* panel, int64_t ng, const uint8_t* xp, float* c, bool first) {
     __m512 acc[NR][V];
     for (int i = 0; i < NR; ++i)
       for (int r = 0; r < V; ++r) acc[i][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * MC + 16 * r);
-    int64_t g = 0;
-    for (; g + 4 <= ng; g += 4) {
-      uint64_t o[NR];
-      for (int i = 0; i < NR; ++i) o[i] = offs[(g / 4) * NR + i];
-#pragma GCC unroll 4
-      for (int gg = 0; gg < 4; ++gg) {
+    for (int64_t g = 0; g < ng; ++g) {
 #pragma GCC unroll 6
-        for (int i = 0; i < NR; ++i)
-          step<V>(acc[i], xp + ((o[i] >> (16 * gg)) & 0xFFFF), w[i * KP + g + gg]);
+      for (int i = 0; i < NR; ++i) {
+        const uint32_t* e = panel + i * WORDS * KP + g;
+        const uint8_t* p = xp + e[0];
+        const __m512i w = _mm512_set1_epi32(static_cast<int>(e[KP]));
+#pragma GCC unroll 4
+        for (int r = 0; r < V; ++r)
+          acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(_mm512_loadu_si512(p + 64 * r)), as_bh(w));
       }
     }
-    for (; g < ng; ++g)  // a K tail: ng is even, so at most 2 groups
-      for (int i = 0; i < NR; ++i)
-        step<V>(acc[i], xp + ((offs[(g / 4) * NR + i] >> (16 * (g % 4))) & 0xFFFF), w[i * KP + g]);
     for (int i = 0; i < NR; ++i)
       for (int r = 0; r < V; ++r) _mm512_storeu_ps(c + i * MC + 16 * r, acc[i][r]);
   }
 
-  static void tile(int mv, const uint8_t* tp, int64_t tb, int64_t ng, const uint8_t* xp, float* c, bool first) {
+  static void tile(int mv, const uint32_t* e, int64_t ng, const uint8_t* xp, float* c, bool first) {
     switch (mv) {
-      case 1: tile_mv<1>(tp, tb, ng, xp, c, first); break;
-      case 2: tile_mv<2>(tp, tb, ng, xp, c, first); break;
-      case 3: tile_mv<3>(tp, tb, ng, xp, c, first); break;
-      default: tile_mv<4>(tp, tb, ng, xp, c, first); break;
+      case 1: tile_mv<1>(e, ng, xp, c, first); break;
+      case 2: tile_mv<2>(e, ng, xp, c, first); break;
+      case 3: tile_mv<3>(e, ng, xp, c, first); break;
+      default: tile_mv<4>(e, ng, xp, c, first); break;
     }
   }
 };
