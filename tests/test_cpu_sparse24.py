@@ -246,3 +246,26 @@ def test_forcing_an_unknown_isa_is_a_value_error(monkeypatch):
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx9000")
     with pytest.raises(ValueError, match="LOWBIT_CPU_ISA"):
         run(x, values, meta)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_outer_kernel_several_chunks_and_late_illegal_nibble(isa, threads):
+    # The outer-product kernels pack kChunkTiles tiles (480 rows) at a time and prefetch the next
+    # chunk: N spans several chunks per thread. One illegal nibble in a late chunk must still get
+    # its table slots built (they are built lazily, once per K block).
+    g = torch.Generator().manual_seed(11)
+    n, k, m = 1100, 264, 40
+    p = sparse24.quantize(torch.randn(n, k, generator=g), dtype=torch.bfloat16)
+    meta = p.meta.clone()
+    meta[1050, 3] = (meta[1050, 3] & 0xF0) | 0x05  # nibble 5: columns (1, 1)
+    nib = torch.stack([meta & 15, meta >> 4], -1).reshape(n, k // 4).long()
+    cols = torch.arange(k // 4).mul(4)
+    v = p.values.float().reshape(n, k // 4, 2)
+    dense = torch.zeros(n, k)
+    rows = torch.arange(n).unsqueeze(1)
+    dense.index_put_((rows, cols + (nib & 3)), v[..., 0], accumulate=True)
+    dense.index_put_((rows, cols + (nib >> 2)), v[..., 1], accumulate=True)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    out = torch.empty(m, n)
+    raw(x, p.values, meta, None, out, threads)
+    assert rel_err(out, x.float() @ dense.t()) < 1e-5
