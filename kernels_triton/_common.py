@@ -300,6 +300,46 @@ def runs_per_step(runs: int, want: int) -> int:
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(offs_m, offs_n) of tile ``pid``, ordered in groups of GROUP_M row tiles (L2 reuse of W)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Store a float32 [BLOCK_M, BLOCK_N] result: the split's slice of the partial buffer
+    ``[SPLIT, M, N]`` (PARTIAL), else ``y`` in its dtype, bias added."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + rows) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """:func:`store_out` for one row ``m`` of the output (GEMV programs)."""
+    if PARTIAL:
+        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(p_ptr, bias_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y[i] = sum_s p[s, i] (+ bias[i % N]), cast to y's dtype; y is contiguous [M, N]."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -25,6 +25,7 @@ from ._common import (
     cache_for,
     cfg,
     finish,
+    grouped_tile,
     m_bucket,
     mma_in,
     pick,
@@ -32,6 +33,8 @@ from ._common import (
     runs_per_step,
     split_k_for,
     splitk_reduce,
+    store_out,
+    store_row,
     with_unsplit,
 )
 
@@ -106,12 +109,7 @@ def _nf4_gemv_kernel(
         w = _nf4_spread(wd, lut_ptr)
         qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
         acc += tl.sum(am * qx, axis=1)
-    if PARTIAL:
-        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -140,15 +138,7 @@ def _nf4_mm_kernel(
     """Tensor-core tiles; B = table[nibble] in x's dtype, absmax applied per K step (BLOCK_K <= BS)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gm
-    pid_n = (pid % width) // gm
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_mask = offs_m < M
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
@@ -165,15 +155,8 @@ def _nf4_mm_kernel(
         part = tl.dot(mma_in(xt), mma_in(tl.trans(w)))
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
         acc += part * am[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        p_ptrs = p_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(p_ptrs, acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS,
+              PARTIAL)
 
 
 @triton.jit

@@ -25,12 +25,15 @@ from ._common import (
     cfg,
     contiguous_rows,
     finish,
+    grouped_tile,
     m_bucket,
     mma_in,
     pick,
     rows_2d,
     split_k_for,
     splitk_reduce,
+    store_out,
+    store_row,
     with_unsplit,
 )
 
@@ -86,12 +89,7 @@ def _s24_gemv_kernel(
             xg = tl.load(x_row + cols * stride_xk, mask=vm, other=0.0)
         acc += vals.to(tl.float32) * xg.to(tl.float32)
     y = tl.sum(acc, axis=1)
-    if PARTIAL:
-        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, y, mask=n_mask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    store_row(y, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -104,15 +102,7 @@ def _s24_mm_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gm
-    pid_n = (pid % width) // gm
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_mask = offs_m < M
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
@@ -148,15 +138,8 @@ def _s24_mm_kernel(
         # column 4g + p: join picks (a, b) give p = 2a + b
         dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
         acc = tl.dot(mma_in(xt), mma_in(tl.trans(dense)), acc)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        p_ptrs = p_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(p_ptrs, acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS,
+              PARTIAL)
 
 
 @triton.jit

@@ -34,6 +34,8 @@ from ._common import (
     rows_2d,
     split_k_for,
     splitk_reduce,
+    store_out,
+    store_row,
     with_unsplit,
 )
 
@@ -226,12 +228,7 @@ def _ternary_store(acc, offs_r, I: tl.constexpr, R, N, m, pid_k, M, xs, ws_ptr, 
     else:
         ws = tl.load(ws_ptr + n * 0, mask=mask, other=1.0)
     y = acc / (xs * ws)
-    if PARTIAL:
-        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + n, y, mask=mask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_row(y, m, n, mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -300,14 +297,7 @@ def _ternary_store_tile(acc, offs_m, offs_r, I: tl.constexpr, R, N, M, pid_k, xs
     else:
         ws = tl.load(ws_ptr + n * 0, mask=n_mask, other=1.0)
     y = acc.to(tl.float32) / (xs[:, None] * ws[None, :])
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(p_ptr + (pid_k.to(tl.int64) * M + offs_m.to(tl.int64)[:, None]) * N + n[None, :], y, mask=mask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=mask)
+    store_out(y, offs_m, n, offs_m < M, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
