@@ -27,9 +27,35 @@ def rows_with_unit_stride(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x2, (x2.stride(0) if m > 1 else k)
 
 
-
 def unit_inner(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` itself if its last dimension has unit stride (any outer strides), else a contiguous copy."""
     if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
     return t.contiguous()
+
+
+def opt_ptr(t: torch.Tensor | None) -> int:
+    """The address of an optional tensor (0 for None)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def opt_code(t: torch.Tensor | None, default: int) -> int:
+    """The dtype code of an optional tensor (``default`` for None)."""
+    return default if t is None else dtype_code(t.dtype)
+
+
+class NativeCall:
+    """Base of the per-op call records: their output, and whether there is anything to compute."""
+
+    __slots__ = ()
+    out: torch.Tensor  # [M, N] (or the op's output), contiguous
+    out_shape: tuple[int, ...]
+
+    @property
+    def empty(self) -> bool:
+        """True if the output is empty (nothing to compute): skip the native call."""
+        return self.out.numel() == 0
+
+    def result(self) -> torch.Tensor:
+        """The output, shaped ``[..., N]`` like ``x``."""
+        return self.out.view(self.out_shape)

@@ -10,7 +10,10 @@ from ..._checks import check_tensor
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
+    NativeCall,
     dtype_code,
+    opt_code,
+    opt_ptr,
     rows_with_unit_stride,
 )
 
@@ -26,7 +29,7 @@ def int4_supported(device_type: str, x, qweight, scales, zeros, bias) -> bool:
 
 
 @dataclass
-class Int4Call:
+class Int4Call(NativeCall):
     """The tensors of one native int4_matmul call, kept alive until the kernel has run."""
 
     x: torch.Tensor  # [M, K], unit inner stride
@@ -52,8 +55,8 @@ class Int4Call:
             scales_dtype=dtype_code(self.scales.dtype),
             zeros_ptr=0 if self.zeros is None else self.zeros.data_ptr(),
             zeros_dtype=code_x if self.zeros is None else dtype_code(self.zeros.dtype),
-            bias_ptr=0 if self.bias is None else self.bias.data_ptr(),
-            bias_dtype=code_x if self.bias is None else dtype_code(self.bias.dtype),
+            bias_ptr=opt_ptr(self.bias),
+            bias_dtype=opt_code(self.bias, code_x),
             out_ptr=self.out.data_ptr(),
             out_dtype=dtype_code(self.out.dtype),
             M=m,
@@ -61,15 +64,6 @@ class Int4Call:
             K=k,
             group_size=self.group_size,
         )
-
-    @property
-    def empty(self) -> bool:
-        """True if there is nothing to compute (M or N is 0): skip the native call."""
-        return self.out.numel() == 0
-
-    def result(self) -> torch.Tensor:
-        """The output, shaped ``[..., N]`` like ``x``."""
-        return self.out.view(self.out_shape)
 
 
 def prepare_int4(

@@ -11,6 +11,7 @@ from ..._checks import check_tensor
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
+    NativeCall,
     dtype_code,
     unit_inner,
 )
@@ -36,7 +37,7 @@ def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
 
 
 @dataclass
-class KvAttentionCall:
+class KvAttentionCall(NativeCall):
     """The tensors of one native kv_attention call, kept alive until the kernel has run."""
 
     q: torch.Tensor  # [B, H_q, S_q, D], unit inner stride
@@ -71,11 +72,6 @@ class KvAttentionCall:
             scale=self.scale,
         )
         return kw
-
-    @property
-    def empty(self) -> bool:
-        """True if there is nothing to compute (B, H_q or S_q is 0): skip the native call."""
-        return self.out.numel() == 0
 
     def result(self) -> torch.Tensor:
         return self.out

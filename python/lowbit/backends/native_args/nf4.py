@@ -10,7 +10,10 @@ from ..._checks import check_tensor
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
+    NativeCall,
     dtype_code,
+    opt_code,
+    opt_ptr,
     rows_with_unit_stride,
 )
 
@@ -31,7 +34,7 @@ def nf4_supported(device_type: str, x, qweight, absmax, absmax_scale, absmax_cod
 
 
 @dataclass
-class Nf4Call:
+class Nf4Call(NativeCall):
     """The tensors of one native nf4_matmul call, kept alive until the kernel has run."""
 
     x: torch.Tensor  # [M, K], unit inner stride
@@ -59,8 +62,8 @@ class Nf4Call:
             absmax_scale_ptr=0 if self.absmax_scale is None else self.absmax_scale.data_ptr(),
             absmax_code_ptr=0 if self.absmax_code is None else self.absmax_code.data_ptr(),
             absmax_offset=self.absmax_offset,
-            bias_ptr=0 if self.bias is None else self.bias.data_ptr(),
-            bias_dtype=code_x if self.bias is None else dtype_code(self.bias.dtype),
+            bias_ptr=opt_ptr(self.bias),
+            bias_dtype=opt_code(self.bias, code_x),
             out_ptr=self.out.data_ptr(),
             out_dtype=dtype_code(self.out.dtype),
             M=m,
@@ -68,15 +71,6 @@ class Nf4Call:
             K=k,
             blocksize=self.blocksize,
         )
-
-    @property
-    def empty(self) -> bool:
-        """True if there is nothing to compute (M is 0): skip the native call."""
-        return self.out.numel() == 0
-
-    def result(self) -> torch.Tensor:
-        """The output, shaped ``[..., N]`` like ``x``."""
-        return self.out.view(self.out_shape)
 
 
 def prepare_nf4(

@@ -10,7 +10,10 @@ from ..._checks import check_tensor
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
+    NativeCall,
     dtype_code,
+    opt_code,
+    opt_ptr,
     rows_with_unit_stride,
 )
 
@@ -26,7 +29,7 @@ def sparse24_supported(device_type: str, x, values, meta, bias) -> bool:
 
 
 @dataclass
-class Sparse24Call:
+class Sparse24Call(NativeCall):
     """The tensors of one native sparse24_matmul call, kept alive until the kernel has run."""
 
     x: torch.Tensor  # [M, K], unit inner stride
@@ -48,23 +51,14 @@ class Sparse24Call:
             values_ptr=self.values.data_ptr(),
             values_dtype=dtype_code(self.values.dtype),
             meta_ptr=self.meta.data_ptr(),
-            bias_ptr=0 if self.bias is None else self.bias.data_ptr(),
-            bias_dtype=code_x if self.bias is None else dtype_code(self.bias.dtype),
+            bias_ptr=opt_ptr(self.bias),
+            bias_dtype=opt_code(self.bias, code_x),
             out_ptr=self.out.data_ptr(),
             out_dtype=dtype_code(self.out.dtype),
             M=m,
             N=self.out.shape[1],
             K=k,
         )
-
-    @property
-    def empty(self) -> bool:
-        """True if there is nothing to compute (M or N is 0): skip the native call."""
-        return self.out.numel() == 0
-
-    def result(self) -> torch.Tensor:
-        """The output, shaped ``[..., N]`` like ``x``."""
-        return self.out.view(self.out_shape)
 
 
 def prepare_sparse24(

@@ -8,6 +8,7 @@ from ..._checks import check_tensor
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
+    NativeCall,
     rows_with_unit_stride,
 )
 
@@ -30,7 +31,7 @@ def ternary_supported(device_type: str, x, qweight, weight_scale, bias) -> bool:
     )
 
 
-class TernaryCall:
+class TernaryCall(NativeCall):
     """The tensors of one native ternary_matmul call, kept alive until the kernel has run.
 
     ``args()`` are the positional arguments of ``lowbit._C.ternary_matmul_<device>`` but the
@@ -74,15 +75,6 @@ class TernaryCall:
         names = ("x_ptr", "x_dtype", "x_row_stride", "qweight_ptr", "weight_scale_ptr", "weight_scale_numel",
                  "bias_ptr", "bias_dtype", "out_ptr", "out_dtype", "M", "N", "K")
         return dict(zip(names, self.args()))
-
-    @property
-    def empty(self) -> bool:
-        """True if there is nothing to compute (M is 0): skip the native call."""
-        return self.out.numel() == 0
-
-    def result(self) -> torch.Tensor:
-        """The output, shaped ``[..., N]`` like ``x``."""
-        return self.out.view(self.out_shape)
 
 
 def _ternary_fast_ok(x, qweight, weight_scale, out_features, bias) -> bool:
