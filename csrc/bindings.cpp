@@ -33,6 +33,15 @@ namespace py = pybind11;
 namespace lowbit {
 namespace {
 
+// Validate a CPU call's arguments and thread count, then run the kernel (GIL released by pybind).
+template <class Args>
+void run_cpu(const char* fn, const Args& a, void (*check)(const char*, const Args&), void (*kernel)(const Args&, int),
+             int64_t num_threads) {
+  check(fn, a);
+  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, fn, ": num_threads=", num_threads, " must be in [1, 4096]");
+  kernel(a, static_cast<int>(num_threads));
+}
+
 Int4MatmulArgs make_int4_args(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
                               uintptr_t scales_ptr, int scales_dtype, uintptr_t zeros_ptr, int zeros_dtype,
                               uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M,
@@ -64,10 +73,7 @@ void int4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr
   const Int4MatmulArgs a = make_int4_args(x_ptr, x_dtype, x_row_stride, qweight_ptr, scales_ptr, scales_dtype,
                                           zeros_ptr, zeros_dtype, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N,
                                           K, group_size);
-  check_int4_matmul_args("int4_matmul_cpu", a);
-  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "int4_matmul_cpu: num_threads=", num_threads,
-               " must be in [1, 4096]");
-  cpu::int4_matmul(a, static_cast<int>(num_threads));
+  run_cpu("int4_matmul_cpu", a, check_int4_matmul_args, cpu::int4_matmul, num_threads);
 }
 
 void nf4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr, uintptr_t absmax_ptr,
@@ -91,10 +97,7 @@ void nf4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_
   a.N = N;
   a.K = K;
   a.blocksize = blocksize;
-  check_nf4_matmul_args("nf4_matmul_cpu", a);
-  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "nf4_matmul_cpu: num_threads=", num_threads,
-               " must be in [1, 4096]");
-  cpu::nf4_matmul(a, static_cast<int>(num_threads));
+  run_cpu("nf4_matmul_cpu", a, check_nf4_matmul_args, cpu::nf4_matmul, num_threads);
 }
 
 void sparse24_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t values_ptr, int values_dtype,
@@ -114,10 +117,7 @@ void sparse24_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uin
   a.M = M;
   a.N = N;
   a.K = K;
-  check_sparse24_matmul_args("sparse24_matmul_cpu", a);
-  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "sparse24_matmul_cpu: num_threads=", num_threads,
-               " must be in [1, 4096]");
-  cpu::sparse24_matmul(a, static_cast<int>(num_threads));
+  run_cpu("sparse24_matmul_cpu", a, check_sparse24_matmul_args, cpu::sparse24_matmul, num_threads);
 }
 
 using Strides3 = std::array<int64_t, 3>;  // (batch, head, token) strides in elements
@@ -160,10 +160,7 @@ void kv_attention_cpu(uintptr_t q_ptr, int q_dtype, const Strides3& q_strides, u
   a.bits = static_cast<int>(bits);
   a.causal = causal;
   a.scale = static_cast<float>(scale);
-  check_kv_attention_args("kv_attention_cpu", a);
-  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "kv_attention_cpu: num_threads=", num_threads,
-               " must be in [1, 4096]");
-  cpu::kv_attention(a, static_cast<int>(num_threads));
+  run_cpu("kv_attention_cpu", a, check_kv_attention_args, cpu::kv_attention, num_threads);
 }
 
 void ternary_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
@@ -183,10 +180,7 @@ void ternary_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uint
   a.M = M;
   a.N = N;
   a.K = K;
-  check_ternary_matmul_args("ternary_matmul_cpu", a);
-  LOWBIT_CHECK(num_threads >= 1 && num_threads <= 4096, "ternary_matmul_cpu: num_threads=", num_threads,
-               " must be in [1, 4096]");
-  cpu::ternary_matmul(a, static_cast<int>(num_threads));
+  run_cpu("ternary_matmul_cpu", a, check_ternary_matmul_args, cpu::ternary_matmul, num_threads);
 }
 
 #if defined(LOWBIT_WITH_CUDA)
