@@ -12,7 +12,8 @@
 
 The math is float32; ``q`` and ``zero`` are computed with the float16-rounded scale, so
 ``|x - dequantize| <= scale / 2`` up to the float16 rounding of the scale itself. A group
-whose max is 0 gets scale 0 and codes 0 (decodes to exactly 0). Nothing here syncs with
+whose max is 0 gets scale 0 and codes 0 (decodes to exactly 0); a positive scale below
+float16's range is stored as the smallest positive float16 (2^-24), not 0. Nothing here syncs with
 the device: a NaN or Inf in ``x`` makes that group's scale NaN or Inf and its codes 0, so
 the group dequantizes to NaN (``0 * NaN``, ``0 * Inf``), never to a finite wrong number.
 """
@@ -25,6 +26,16 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 KV_BITS = (4, 8)
 GROUP_SIZE_4BIT = 32
+
+
+_HALF_TINY = 2.0**-24  # the smallest positive float16 (subnormal)
+
+
+def _nonzero_half(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` as float16, where a positive scale that would round to 0 becomes the smallest
+    positive float16 (its values still get codes instead of all decoding to 0)."""
+    s16 = scale.to(torch.float16)
+    return torch.where((s16 == 0) & (scale > 0), torch.tensor(_HALF_TINY, dtype=torch.float16, device=s16.device), s16)
 
 
 def _check_bits(fn: str, bits: object) -> int:
@@ -46,7 +57,7 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     xf = x.float()
     if bits == 8:
         absmax = xf.abs().amax(dim=-1)
-        scale = (absmax / 127).to(torch.float16)
+        scale = _nonzero_half(absmax / 127)
         sf = scale.float().unsqueeze(-1)
         ok = torch.isfinite(sf) & (sf > 0)  # False for NaN, Inf and 0 scales
         q = torch.where(ok, (xf / sf).round().clamp(-127, 127), 0.0)
@@ -58,7 +69,7 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     # amin/amax/clamp propagate NaN, so a NaN anywhere in a group reaches its scale.
     mn = g.amin(dim=-1).clamp(max=0.0)
     mx = g.amax(dim=-1).clamp(min=0.0)
-    scale = ((mx - mn) / 15).to(torch.float16)
+    scale = _nonzero_half((mx - mn) / 15)
     sf = scale.float()
     ok = torch.isfinite(sf) & (sf > 0)
     zero = torch.where(ok, (-mn / sf).round().clamp(0, 15), 0.0)
