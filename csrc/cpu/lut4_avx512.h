@@ -214,18 +214,23 @@ LOWBIT_LUT4_INLINE void gemv_chunk_bf16(__m512 (&acc)[NR][MR], const uint16_t* c
   }
 }
 
-// acc[p][r][m] += plane p of the 128 weights of row r at columns [k, k + 128) times x row m.
+// acc[p][r][m] += plane p of the 128 weights of row r at columns [k, k + 128) times x row m
+// (the x vectors of a plane loaded once for all NR rows).
 template <int NR, int MR, int C>
 LOWBIT_LUT4_INLINE void gemv_quad_bf16(__m512 (&acc)[4][NR][MR], const uint16_t* const* xr, const uint8_t* const* q,
                                        const __m512i* lut, int64_t k, int64_t pf) {
+  __m512i b[NR];
   for (int r = 0; r < NR; ++r) {
     _mm_prefetch(reinterpret_cast<const char*>(q[r] + (k >> 1) + pf), _MM_HINT_T0);
-    const __m512i b = _mm512_loadu_si512(q[r] + (k >> 1));
-    for (int p = 0; p < 4; ++p) {
-      const __m512i idx = p == 0 ? b : _mm512_srli_epi16(b, 4 * p);
+    b[r] = _mm512_loadu_si512(q[r] + (k >> 1));
+  }
+  for (int p = 0; p < 4; ++p) {
+    __m512bh xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = as_bh(_mm512_loadu_si512(xr[m] + k + 32 * p));
+    for (int r = 0; r < NR; ++r) {
+      const __m512i idx = p == 0 ? b[r] : _mm512_srli_epi16(b[r], 4 * p);
       const __m512bh w = as_bh(_mm512_permutexvar_epi16(idx, lut[r]));
-      for (int m = 0; m < MR; ++m)
-        acc[p % C][r][m] = _mm512_dpbf16_ps(acc[p % C][r][m], as_bh(_mm512_loadu_si512(xr[m] + k + 32 * p)), w);
+      for (int m = 0; m < MR; ++m) acc[p % C][r][m] = _mm512_dpbf16_ps(acc[p % C][r][m], xv[m], w);
     }
   }
 }

@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <cstdlib>
 #include <vector>
 
 namespace lowbit {
