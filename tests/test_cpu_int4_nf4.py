@@ -100,7 +100,8 @@ def check(out, ref, dtype, x=None, w=None):
 # ---- against the reference, random shapes ------------------------------------------------------
 
 M_VALUES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 40]
-INT4_KG = [(32, 32), (64, 32), (96, 32), (128, 64), (256, 128), (384, 128), (40, 40), (48, 16), (6, 2), (2048, 128)]
+INT4_KG = [(32, 32), (64, 32), (96, 32), (128, 64), (256, 128), (384, 128), (40, 40), (48, 16), (6, 2), (2048, 128),
+           (192, 96), (256, 32)]
 
 
 @HYP
@@ -123,7 +124,8 @@ def test_int4_matches_reference(isa, threads, m, n, kg, x_dtype, s_dtype, asym, 
 
 # (K, blocksize): whole 32-column rows with blocks inside rows, blocks across rows (K % B != 0),
 # and the element-by-element layouts (K % 32 != 0, odd K).
-NF4_KB = [(64, 64), (256, 64), (96, 64), (160, 128), (32, 4096), (512, 256), (130, 32), (33, 32), (7, 64), (1024, 64)]
+NF4_KB = [(64, 64), (256, 64), (96, 64), (160, 128), (32, 4096), (512, 256), (130, 32), (33, 32), (7, 64), (1024, 64),
+          (256, 32), (384, 128)]
 
 
 @HYP
@@ -155,6 +157,21 @@ def test_gemv_and_gemm_branches(isa, m, dtype):
           dtype)
     p = nf4.quantize(torch.randn(n, k), blocksize=64, double_quant=True)
     check(call_nf4(x, p, None, 2), ref_nf4(x, p, None), dtype)
+
+
+# Segment lengths of the bfloat16 GEMV: multiples of 128 (one 64-byte load, 4 nibble planes),
+# 64 and 32 (4-chunk groups over several segments, then a tail), and others (96).
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("k, seg", [(640, 128), (768, 256), (448, 64), (416, 32), (288, 96)])
+def test_bfloat16_gemv_segment_layouts(isa, m, k, seg):
+    n = 37
+    x = torch.randn(m, k).to(torch.bfloat16)
+    if seg != 96:
+        p = nf4.quantize(torch.randn(n, k), blocksize=seg, double_quant=True)
+        check(call_nf4(x, p, None, 2), ref_nf4(x, p, None), torch.bfloat16)
+    qweight, scales, zeros = int4_weight(n, k, seg, torch.bfloat16, True, m)
+    check(call_int4(x, qweight, scales, zeros, seg, None, 2),
+          reference.int4_matmul(x, qweight, scales, zeros, seg, None), torch.bfloat16)
 
 
 @pytest.mark.parametrize("m", [1, 64])

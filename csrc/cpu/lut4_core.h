@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -155,25 +156,49 @@ inline void x_row_to_f32(const Lut4Io& io, int64_t m, int64_t Kp, float* dst) {
   std::fill(dst + K, dst + Kp, 0.0f);
 }
 
+// n elements of scratch (uninitialized) that stay allocated on the calling thread for its next
+// calls, one buffer per Slot and T: a multi-megabyte buffer allocated afresh on each call is
+// mmapped and page-faulted (and zero-filled) again every time, measured ~5% of an M = 512
+// GEMM. Requests above kKeepScratchBytes get a buffer of their own (in temp), freed with it.
+constexpr size_t kKeepScratchBytes = size_t{64} << 20;
+template <int Slot, class T>
+T* reused_scratch(size_t n, std::unique_ptr<T[]>& temp) {
+  if (n * sizeof(T) > kKeepScratchBytes) {
+    temp.reset(new T[n]);
+    return temp.get();
+  }
+  thread_local std::unique_ptr<T[]> keep;
+  thread_local size_t capacity = 0;
+  if (capacity < n) {
+    keep.reset();
+    keep.reset(new T[n]);
+    capacity = n;
+  }
+  return keep.get();
+}
+
 // ---- GEMV -----------------------------------------------------------------------------------
 
 // x rows [0, M) permuted per chunk of kGemvChunk columns into the order in which the ISA's
 // GEMV decodes the weights (gemv_x_element), or in natural order (chunk 0): float32, or
 // bfloat16 bits for the bfloat16 GEMV (x is bfloat16 then).
 template <class F, class T>
-void permute_x(const Lut4Io& io, std::vector<T>& xp) {
-  const int64_t K = io.K, C = kGemvChunk;
-  std::vector<float> row(static_cast<size_t>(K));
-  int64_t perm[C > 0 ? C : 1];
-  for (int64_t p = 0; p < C; ++p) {
-    if constexpr (sizeof(T) == 4) {
-      perm[p] = gemv_x_element<F::kHighFirst>(p);
-    } else {
+void permute_x(const F& f, const Lut4Io& io, std::vector<T>& xp) {
+  (void)f;
+  const int64_t K = io.K;
+  int64_t C = kGemvChunk;
+  int64_t perm[128];
+  if constexpr (sizeof(T) == 4) {
+    for (int64_t p = 0; p < C; ++p) perm[p] = gemv_x_element<F::kHighFirst>(p);
+  } else {
 #if defined(LOWBIT_LUT4_BF16_DOT)
-      perm[p] = gemv_x_element_bf16<F::kHighFirst>(p);
+    const bool quad = gemv_quad_bf16(f.seg_len());
+    C = quad ? 128 : 32;
+    for (int64_t p = 0; p < C; ++p)
+      perm[p] = quad ? gemv_x_element_quad<F::kHighFirst>(p) : gemv_x_element_bf16<F::kHighFirst>(p);
 #endif
-    }
   }
+  std::vector<float> row(static_cast<size_t>(K));
   for (int64_t m = 0; m < io.M; ++m) {
     T* dst = xp.data() + m * K;
     if constexpr (sizeof(T) == 2) {
@@ -213,6 +238,12 @@ void gemv_rows(const F& f, const Lut4Io& io, const T* xp, int64_t r0, int64_t r1
 #endif
     }
   };
+#if defined(LOWBIT_LUT4_AVX512)
+  // The loop prefetches gemv_prefetch_bytes ahead: fetch the start of this run of rows too.
+  const char* q0 = reinterpret_cast<const char*>(f.q + ((r0 * K) >> 1));
+  const int64_t pro = std::min(gemv_prefetch_bytes(K), ((r1 - r0) * K) >> 1);
+  for (int64_t o = 0; o < pro; o += 64) _mm_prefetch(q0 + o, _MM_HINT_T0);
+#endif
   int64_t n = r0;
   for (; n + NR <= r1; n += NR) {
     block(std::integral_constant<int, NR>(), n);
@@ -237,14 +268,15 @@ void gemv_dispatch(const F& f, const Lut4Io& io, const T* xp, int64_t r0, int64_
 template <class F, class T>
 void run_gemv_typed(const F& f, const Lut4Io& io, int num_threads) {
   std::vector<T> xp(static_cast<size_t>(io.M * io.K));
-  permute_x<F>(io, xp);
+  permute_x(f, io, xp);
   const double work = static_cast<double>(io.M) * static_cast<double>(io.N) * static_cast<double>(io.K);
   const int threads = threads_for(work, kMinWorkPerThread, num_threads);
   // Per thread: scales and zeros of up to 4 rows (GemvRow).
   const int64_t nseg = io.K / f.seg_len();
   std::vector<float> params(static_cast<size_t>(threads * 8 * nseg));
-  // Chunks of 32 rows (a multiple of every NR): 4+ per thread balance the load.
-  const int64_t rows = std::max<int64_t>(32, round_up(io.N / (8 * threads), 32));
+  // Chunks of 32 rows (a multiple of every NR), ~4 per thread: each is one sequential stream;
+  // 8 or more per thread measured 1-5% slower at M = 1 (each new stream starts cold).
+  const int64_t rows = std::max<int64_t>(32, round_up(io.N / (4 * threads), 32));
   const int64_t tasks = (io.N + rows - 1) / rows;
   parallel_for(tasks, threads, [&](int64_t t, int thread) {
     const int64_t r0 = t * rows, r1 = std::min(io.N, r0 + rows);
@@ -325,13 +357,13 @@ void run_gemm_typed(const F& f, const Lut4Io& io, bool fast, int num_threads) {
   // x in the compute dtype, Kp columns (zero-padded): in place when it already is.
   constexpr int want_dtype = sizeof(T) == 4 ? kFloat32 : kBFloat16;
   GemmX<T> x{static_cast<const T*>(io.x), io.x_row_stride};
-  std::vector<T> xbuf;
+  std::unique_ptr<T[]> xbuf_temp;
   if (io.x_dtype != want_dtype || K != Kp) {
-    xbuf.resize(static_cast<size_t>(M * Kp));
+    T* const xbuf = reused_scratch<0>(static_cast<size_t>(M * Kp), xbuf_temp);
     const int64_t rows = std::max<int64_t>(1, (1 << 16) / Kp);
     parallel_for((M + rows - 1) / rows, threads, [&](int64_t t, int) {
       for (int64_t m = t * rows; m < std::min(M, (t + 1) * rows); ++m) {
-        T* dst = xbuf.data() + m * Kp;
+        T* dst = xbuf + m * Kp;
         if constexpr (sizeof(T) == 4) {
           x_row_to_f32(io, m, Kp, dst);
         } else {  // bf16 x, only K % 32 != 0 brings us here
@@ -340,7 +372,7 @@ void run_gemm_typed(const F& f, const Lut4Io& io, bool fast, int num_threads) {
         }
       }
     });
-    x = GemmX<T>{xbuf.data(), Kp};
+    x = GemmX<T>{xbuf, Kp};
   }
 
   const int64_t KC = std::min(Kp, std::max<int64_t>(32, kKCBytes / (kNC * static_cast<int64_t>(sizeof(T))) / 32 * 32));
