@@ -42,7 +42,7 @@ def int4_matmul(
     """``x @ dequant(W)^T (+ bias)`` with the C++ kernel, on torch's intra-op thread count."""
     call = prepare_int4(x, qweight, scales, zeros, group_size, bias, fn="lowbit.backends.cpu.int4_matmul")
     if not call.empty:
-        _native.C.int4_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
+        _native.C.int4_matmul_cpu(*call.args(), max(1, torch.get_num_threads()))
     return call.result()
 
 
@@ -107,7 +107,7 @@ def sparse24_matmul(
     """``x @ W^T (+ bias)`` for a 2:4 sparse ``W`` with the C++ kernel, on torch's intra-op thread count."""
     call = prepare_sparse24(x, values, meta, bias, fn="lowbit.backends.cpu.sparse24_matmul")
     if not call.empty:
-        _native.C.sparse24_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
+        _native.C.sparse24_matmul_cpu(*call.args(), max(1, torch.get_num_threads()))
     return call.result()
 
 
@@ -133,5 +133,5 @@ def nf4_matmul(
     call = prepare_nf4(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features, bias,
                        fn="lowbit.backends.cpu.nf4_matmul")
     if not call.empty:
-        _native.C.nf4_matmul_cpu(**call.kwargs(), num_threads=max(1, torch.get_num_threads()))
+        _native.C.nf4_matmul_cpu(*call.args(), max(1, torch.get_num_threads()))
     return call.result()

@@ -124,7 +124,7 @@ def int4_matmul(
     call = prepare_int4(x, qweight, scales, zeros, group_size, bias, fn=fn)
     if not call.empty:
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        _native.C.int4_matmul_cuda(**call.kwargs(), stream=stream)
+        _native.C.int4_matmul_cuda(*call.args(), stream)
     return call.result()
 
 

@@ -45,11 +45,24 @@ def opt_code(t: torch.Tensor | None, default: int) -> int:
 
 
 class NativeCall:
-    """Base of the per-op call records: their output, and whether there is anything to compute."""
+    """Base of the per-op call records: their output, and whether there is anything to compute.
+
+    A record's ``args()`` are the positional arguments of its ``lowbit._C`` function but the
+    last (num_threads / stream): pybind11 parses positional arguments much faster than keywords,
+    and a decode-step call is a few hundred microseconds; ``kwargs()`` names them (``ARG_NAMES``).
+    """
 
     __slots__ = ()
+    ARG_NAMES: tuple[str, ...] = ()
     out: torch.Tensor  # [M, N] (or the op's output), contiguous
     out_shape: tuple[int, ...]
+
+    def args(self) -> tuple:
+        raise NotImplementedError(f"{type(self).__name__} takes keyword arguments: use kwargs()")
+
+    def kwargs(self) -> dict:
+        """``args()`` by name (for tests and readers)."""
+        return dict(zip(self.ARG_NAMES, self.args()))
 
     @property
     def empty(self) -> bool:

@@ -11,8 +11,6 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
-    dtype_code,
-    opt_code,
     opt_ptr,
     rows_with_unit_stride,
 )
@@ -42,41 +40,47 @@ class Int4Call(NativeCall):
     out_shape: tuple[int, ...]
     group_size: int
 
-    def kwargs(self) -> dict[str, int]:
-        """Keyword arguments of ``lowbit._C.int4_matmul_<device>`` (all but num_threads/stream)."""
+    ARG_NAMES = ("x_ptr", "x_dtype", "x_row_stride", "qweight_ptr", "scales_ptr", "scales_dtype", "zeros_ptr",
+                 "zeros_dtype", "bias_ptr", "bias_dtype", "out_ptr", "out_dtype", "M", "N", "K", "group_size")
+
+    def args(self) -> tuple:
         m, k = self.x.shape
-        code_x = dtype_code(self.x.dtype)
-        return dict(
-            x_ptr=self.x.data_ptr(),
-            x_dtype=code_x,
-            x_row_stride=self.x_row_stride,
-            qweight_ptr=self.qweight.data_ptr(),
-            scales_ptr=self.scales.data_ptr(),
-            scales_dtype=dtype_code(self.scales.dtype),
-            zeros_ptr=0 if self.zeros is None else self.zeros.data_ptr(),
-            zeros_dtype=code_x if self.zeros is None else dtype_code(self.zeros.dtype),
-            bias_ptr=opt_ptr(self.bias),
-            bias_dtype=opt_code(self.bias, code_x),
-            out_ptr=self.out.data_ptr(),
-            out_dtype=dtype_code(self.out.dtype),
-            M=m,
-            N=self.out.shape[1],
-            K=k,
-            group_size=self.group_size,
+        code_x = DTYPE_CODES[self.x.dtype]
+        zeros, bias = self.zeros, self.bias
+        return (
+            self.x.data_ptr(), code_x, self.x_row_stride, self.qweight.data_ptr(),
+            self.scales.data_ptr(), DTYPE_CODES[self.scales.dtype],
+            opt_ptr(zeros), code_x if zeros is None else DTYPE_CODES[zeros.dtype],
+            opt_ptr(bias), code_x if bias is None else DTYPE_CODES[bias.dtype],
+            self.out.data_ptr(), code_x, m, self.out.shape[1], k, self.group_size,
         )
 
 
-def prepare_int4(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None,
-    fn: str,
-) -> Int4Call:
-    """Check every buffer size against ``x``'s K and ``qweight``'s N, make the weight tensors
-    contiguous and ``x``'s rows unit-stride, and allocate the output."""
+def _int4_fast_ok(x, qweight, scales, zeros, group_size, bias) -> bool:
+    """The common valid call, checked with plain attribute tests (no message building)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(qweight, torch.Tensor)
+            and isinstance(scales, torch.Tensor) and type(group_size) is int and group_size > 0):
+        return False
+    k = x.shape[-1]
+    if k <= 0 or k % 2 or group_size % 2 or k % group_size or qweight.dim() != 2:
+        return False
+    n = qweight.shape[0]
+    dev = x.device
+    shape = (n, k // group_size)
+    return (
+        x.dtype in DTYPE_CODES
+        and qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == k and qweight.device == dev
+        and scales.dtype in DTYPE_CODES and scales.shape == shape and scales.device == dev
+        and (zeros is None or (isinstance(zeros, torch.Tensor) and zeros.dtype in DTYPE_CODES
+                               and zeros.shape == shape and zeros.device == dev))
+        and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in DTYPE_CODES
+                              and bias.shape == (n,) and bias.device == dev))
+    )
+
+
+def _int4_check(x, qweight, scales, zeros, group_size, bias, fn: str) -> None:
+    """Raise the TypeError/ValueError that names what is wrong with a call (the full checks,
+    for the calls ``_int4_fast_ok`` does not pass)."""
     check_tensor(x, "x", dtype=NATIVE_DTYPES, fn=fn)
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension, got shape {tuple(x.shape)}")
@@ -98,6 +102,22 @@ def prepare_int4(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+
+
+def prepare_int4(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fn: str,
+) -> Int4Call:
+    """Check every buffer size against ``x``'s K and ``qweight``'s N, make the weight tensors
+    contiguous and ``x``'s rows unit-stride, and allocate the output."""
+    if not _int4_fast_ok(x, qweight, scales, zeros, group_size, bias):
+        _int4_check(x, qweight, scales, zeros, group_size, bias, fn)
+    n = qweight.shape[0]
     x2, row_stride = rows_with_unit_stride(x)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     return Int4Call(

@@ -11,7 +11,6 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
-    dtype_code,
     opt_code,
     opt_ptr,
     rows_with_unit_stride,
@@ -49,29 +48,19 @@ class Nf4Call(NativeCall):
     out: torch.Tensor  # [M, N], contiguous, x.dtype
     out_shape: tuple[int, ...]
 
-    def kwargs(self) -> dict:
-        """Keyword arguments of ``lowbit._C.nf4_matmul_<device>`` (all but num_threads/stream)."""
-        m, k = self.x.shape
-        code_x = dtype_code(self.x.dtype)
-        return dict(
-            x_ptr=self.x.data_ptr(),
-            x_dtype=code_x,
-            x_row_stride=self.x_row_stride,
-            qweight_ptr=self.qweight.data_ptr(),
-            absmax_ptr=self.absmax.data_ptr(),
-            absmax_scale_ptr=0 if self.absmax_scale is None else self.absmax_scale.data_ptr(),
-            absmax_code_ptr=0 if self.absmax_code is None else self.absmax_code.data_ptr(),
-            absmax_offset=self.absmax_offset,
-            bias_ptr=opt_ptr(self.bias),
-            bias_dtype=opt_code(self.bias, code_x),
-            out_ptr=self.out.data_ptr(),
-            out_dtype=dtype_code(self.out.dtype),
-            M=m,
-            N=self.out.shape[1],
-            K=k,
-            blocksize=self.blocksize,
-        )
+    ARG_NAMES = ("x_ptr", "x_dtype", "x_row_stride", "qweight_ptr", "absmax_ptr", "absmax_scale_ptr",
+                 "absmax_code_ptr", "absmax_offset", "bias_ptr", "bias_dtype", "out_ptr", "out_dtype", "M", "N", "K",
+                 "blocksize")
 
+    def args(self) -> tuple:
+        m, k = self.x.shape
+        code_x = DTYPE_CODES[self.x.dtype]
+        return (
+            self.x.data_ptr(), code_x, self.x_row_stride, self.qweight.data_ptr(), self.absmax.data_ptr(),
+            opt_ptr(self.absmax_scale), opt_ptr(self.absmax_code), self.absmax_offset,
+            opt_ptr(self.bias), opt_code(self.bias, code_x), self.out.data_ptr(), code_x,
+            m, self.out.shape[1], k, self.blocksize,
+        )
 
 def prepare_nf4(
     x: torch.Tensor,

@@ -11,7 +11,6 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
-    dtype_code,
     opt_code,
     opt_ptr,
     rows_with_unit_stride,
@@ -40,26 +39,17 @@ class Sparse24Call(NativeCall):
     out: torch.Tensor  # [M, N], contiguous, x.dtype
     out_shape: tuple[int, ...]
 
-    def kwargs(self) -> dict[str, int]:
-        """Keyword arguments of ``lowbit._C.sparse24_matmul_<device>`` (all but num_threads/stream)."""
-        m, k = self.x.shape
-        code_x = dtype_code(self.x.dtype)
-        return dict(
-            x_ptr=self.x.data_ptr(),
-            x_dtype=code_x,
-            x_row_stride=self.x_row_stride,
-            values_ptr=self.values.data_ptr(),
-            values_dtype=dtype_code(self.values.dtype),
-            meta_ptr=self.meta.data_ptr(),
-            bias_ptr=opt_ptr(self.bias),
-            bias_dtype=opt_code(self.bias, code_x),
-            out_ptr=self.out.data_ptr(),
-            out_dtype=dtype_code(self.out.dtype),
-            M=m,
-            N=self.out.shape[1],
-            K=k,
-        )
+    ARG_NAMES = ("x_ptr", "x_dtype", "x_row_stride", "values_ptr", "values_dtype", "meta_ptr", "bias_ptr",
+                 "bias_dtype", "out_ptr", "out_dtype", "M", "N", "K")
 
+    def args(self) -> tuple:
+        m, k = self.x.shape
+        code_x = DTYPE_CODES[self.x.dtype]
+        return (
+            self.x.data_ptr(), code_x, self.x_row_stride, self.values.data_ptr(), DTYPE_CODES[self.values.dtype],
+            self.meta.data_ptr(), opt_ptr(self.bias), opt_code(self.bias, code_x), self.out.data_ptr(), code_x,
+            m, self.out.shape[1], k,
+        )
 
 def prepare_sparse24(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, fn: str

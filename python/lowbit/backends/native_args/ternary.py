@@ -34,12 +34,12 @@ def ternary_supported(device_type: str, x, qweight, weight_scale, bias) -> bool:
 class TernaryCall(NativeCall):
     """The tensors of one native ternary_matmul call, kept alive until the kernel has run.
 
-    ``args()`` are the positional arguments of ``lowbit._C.ternary_matmul_<device>`` but the
-    last (num_threads / stream): a decode step is a few hundred microseconds of kernel, so
-    this path stays thin (no dict, one pass of checks).
+    This path stays thin (positional arguments, one pass of plain checks): see ``NativeCall``.
     """
 
     __slots__ = ("x", "x_row_stride", "qweight", "weight_scale", "bias", "out", "out_shape")
+    ARG_NAMES = ("x_ptr", "x_dtype", "x_row_stride", "qweight_ptr", "weight_scale_ptr", "weight_scale_numel",
+                 "bias_ptr", "bias_dtype", "out_ptr", "out_dtype", "M", "N", "K")
 
     def __init__(self, x, x_row_stride, qweight, weight_scale, bias, out, out_shape) -> None:
         self.x = x  # [M, K], unit inner stride
@@ -70,11 +70,6 @@ class TernaryCall(NativeCall):
             k,
         )
 
-    def kwargs(self) -> dict[str, int]:
-        """``args()`` by name (for tests and readers)."""
-        names = ("x_ptr", "x_dtype", "x_row_stride", "qweight_ptr", "weight_scale_ptr", "weight_scale_numel",
-                 "bias_ptr", "bias_dtype", "out_ptr", "out_dtype", "M", "N", "K")
-        return dict(zip(names, self.args()))
 
 
 def _ternary_fast_ok(x, qweight, weight_scale, out_features, bias) -> bool:
