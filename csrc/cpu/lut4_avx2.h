@@ -2,7 +2,7 @@
 //
 // vpermps on ymm indexes 8 entries, so the 16 decoded values of a segment are two ymm tables
 // (entries 0..7 and 8..15): both are permuted by the code and bit 3 of the code, moved to the
-// sign bit, blends the two. Only 16 ymm registers: the GEMM micro-tile is 2 x 4.
+// sign bit, blends the two. The GEMM is lut4_gemm_avx2.h.
 #pragma once
 
 #include <immintrin.h>
@@ -22,7 +22,6 @@ template <bool HF>
 constexpr int64_t gemv_x_element(int64_t pos) {
   return 2 * (pos & 7) + ((pos >> 3) ^ (HF ? 1 : 0));
 }
-constexpr int kMR = 2, kNR = 4;
 
 template <class T>
 constexpr int gemv_max_m() {
@@ -107,24 +106,6 @@ inline void decode_run(const uint8_t* src, const float* lut16, int64_t nchunks, 
     _mm256_storeu_ps(dst + 16 * c, _mm256_permute2f128_ps(t0, t1, 0x20));
     _mm256_storeu_ps(dst + 16 * c + 8, _mm256_permute2f128_ps(t0, t1, 0x31));
   }
-}
-
-// c[i * cs + j] += dot(x[i][0, kc), w[j * ws + (0, kc)]), kc a multiple of 32.
-template <int MR, int NR>
-inline void micro(const float* const* x, const float* w, int64_t ws, int64_t kc, float* c, int64_t cs) {
-  __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; k += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ws + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x[i] + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) c[i * cs + j] += hsum(acc[i][j]);
 }
 
 }  // namespace

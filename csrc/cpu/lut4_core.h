@@ -317,7 +317,7 @@ void decode_panel(const F& f, bool fast, int64_t n0, int64_t nr, int64_t kb, int
   }
 }
 
-#if !defined(LOWBIT_LUT4_AVX512)  // AVX-512 has its own GEMM (lut4_gemm_avx512.h)
+#if !defined(LOWBIT_LUT4_AVX512) && !defined(LOWBIT_LUT4_AVX2)  // own GEMMs: lut4_gemm_avx512.h, lut4_gemm_avx2.h
 template <class T>
 struct GemmX {      // the x operand of the GEMM micro-kernel: rows of T with a stride, kp columns
   const T* data;
@@ -413,6 +413,8 @@ void run_gemm_typed(const F& f, const Lut4Io& io, bool fast, int num_threads) {
 
 #if defined(LOWBIT_LUT4_AVX512)
 #include "lut4_gemm_avx512.h"
+#elif defined(LOWBIT_LUT4_AVX2)
+#include "lut4_gemm_avx2.h"
 #endif
 
 namespace lowbit {
@@ -437,7 +439,7 @@ void run_lut4(const F& f, const Lut4Io& io, int num_threads) {
     run_gemv_typed<F, float>(f, io, num_threads);
     return;
   }
-#if defined(LOWBIT_LUT4_AVX512)
+#if defined(LOWBIT_LUT4_AVX512) || defined(LOWBIT_LUT4_AVX2)
   run_gemm_outer<F, float>(f, io, fast, num_threads);
 #else
   run_gemm_typed<F, float>(f, io, fast, num_threads);
