@@ -23,6 +23,10 @@ constexpr int64_t gemv_x_element(int64_t pos) {
   return 2 * (pos & 7) + ((pos >> 3) ^ (HF ? 1 : 0));
 }
 
+// The GEMV prefetches its weight stream this far ahead (bytes), by row length K (the AVX-512
+// GEMV's distances, lut4_avx512.h).
+inline int64_t gemv_prefetch_bytes(int64_t K) { return K >= 8192 ? 8192 : 4096; }
+
 template <class T>
 constexpr int gemv_max_m() {
   return 2;
@@ -73,10 +77,16 @@ inline void gemv_block(const F& f, const GemvRow* rows, int64_t K, int64_t L, co
   __m256 acc[NR][MR][2];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  const int64_t pf = gemv_prefetch_bytes(K);
   int64_t k = 0;
   for (int64_t g = 0; k < K; ++g) {
     Lut16 lut[NR];
-    for (int r = 0; r < NR; ++r) lut[r] = segment_lut(f, rows[r].s[g], F::kHasZero ? rows[r].z[g] : 0.0f);
+    for (int r = 0; r < NR; ++r) {
+      lut[r] = segment_lut(f, rows[r].s[g], F::kHasZero ? rows[r].z[g] : 0.0f);
+      // The segment's bytes pf ahead (one line per 128 columns; past the row end is harmless).
+      for (int64_t o = 0; o < L / 2; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r].q + (k >> 1) + pf + o), _MM_HINT_T0);
+    }
     for (const int64_t end = k + L; k < end; k += 16) {
       for (int r = 0; r < NR; ++r) {
         const __m256i b = load_codes8(rows[r].q + (k >> 1));

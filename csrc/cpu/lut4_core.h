@@ -238,7 +238,7 @@ void gemv_rows(const F& f, const Lut4Io& io, const T* xp, int64_t r0, int64_t r1
 #endif
     }
   };
-#if defined(LOWBIT_LUT4_AVX512)
+#if defined(LOWBIT_LUT4_AVX512) || defined(LOWBIT_LUT4_AVX2)
   // The loop prefetches gemv_prefetch_bytes ahead: fetch the start of this run of rows too.
   const char* q0 = reinterpret_cast<const char*>(f.q + ((r0 * K) >> 1));
   const int64_t pro = std::min(gemv_prefetch_bytes(K), ((r1 - r0) * K) >> 1);
