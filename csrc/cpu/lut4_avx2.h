@@ -82,10 +82,41 @@ inline void gemv_block(const F& f, const GemvRow* rows, int64_t K, int64_t L, co
   for (int64_t g = 0; k < K; ++g) {
     Lut16 lut[NR];
     for (int r = 0; r < NR; ++r) {
-      lut[r] = segment_lut(f, rows[r].s[g], F::kHasZero ? rows[r].z[g] : 0.0f);
+      if constexpr (!F::kHasZero) lut[r] = segment_lut(f, rows[r].s[g], 0.0f);
       // The segment's bytes pf ahead (one line per 128 columns; past the row end is harmless).
       for (int64_t o = 0; o < L / 2; o += 64)
         _mm_prefetch(reinterpret_cast<const char*>(rows[r].q + (k >> 1) + pf + o), _MM_HINT_T0);
+    }
+    if constexpr (F::kHasZero) {
+      // int4 (table T[i] = i): the codes converted (vcvtdq2ps) and the zero subtracted give
+      // q - z exactly as the reference rounds it; the scale is applied once per segment:
+      // acc += s * sum (q - z) x. Two conversions and two subtractions per 16 weights instead
+      // of four vpermps and two blends, which share the FMA pipes (float32 sums in another order
+      // than the reference; one-hot x still reads (q - z) * s exactly).
+      __m256 seg[NR][MR][2];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) seg[r][m][0] = seg[r][m][1] = _mm256_setzero_ps();
+      const __m256i m15 = _mm256_set1_epi32(15);
+      for (const int64_t end = k + L; k < end; k += 16) {
+        for (int r = 0; r < NR; ++r) {
+          const __m256 vz = _mm256_set1_ps(rows[r].z[g]);
+          const __m256i b = load_codes8(rows[r].q + (k >> 1));
+          const __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, m15)), vz);
+          const __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
+          for (int m = 0; m < MR; ++m) {
+            seg[r][m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr[m] + k), seg[r][m][0]);
+            seg[r][m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr[m] + k + 8), seg[r][m][1]);
+          }
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m256 vs = _mm256_set1_ps(rows[r].s[g]);
+        for (int m = 0; m < MR; ++m) {
+          acc[r][m][0] = _mm256_fmadd_ps(vs, seg[r][m][0], acc[r][m][0]);
+          acc[r][m][1] = _mm256_fmadd_ps(vs, seg[r][m][1], acc[r][m][1]);
+        }
+      }
+      continue;
     }
     for (const int64_t end = k + L; k < end; k += 16) {
       for (int r = 0; r < NR; ++r) {
