@@ -174,6 +174,27 @@ def test_bfloat16_gemv_segment_layouts(isa, m, k, seg):
           reference.int4_matmul(x, qweight, scales, zeros, seg, None), torch.bfloat16)
 
 
+# The outer-product GEMMs' switch points: x blocks of 16 (AVX2) / 32 (AVX-512) rows with a last
+# block of <= 8 / <= 16 rows taking the narrow tile, more x rows than one task (kMC = 256), more
+# weight rows than one task (96 / 64) and not a multiple of any tile or of the 8 x 8 / 16 x 16
+# epilogue blocks, several K blocks (256 columns) with a partial last one, bias, every output
+# dtype, 1 and 2 threads.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [3, 8, 9, 16, 24, 25, 41, 260])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gemm_tiles_and_blocks(isa, threads, m, dtype):
+    n, k = 203, 544
+    qweight, scales, zeros = int4_weight(n, k, 32, dtype, True, m)
+    x = activations(m, k, dtype, "row_slice", m)
+    bias = torch.randn(n).to(dtype)
+    w = int4.dequantize_tensors(qweight, scales, zeros, 32, dtype=torch.float32)
+    check(call_int4(x, qweight, scales, zeros, 32, bias, threads),
+          reference.int4_matmul(x, qweight, scales, zeros, 32, bias), dtype, x, w)
+    p = nf4.quantize(torch.randn(n, k - 1), blocksize=64, double_quant=True)  # odd K: element decode
+    x1 = x[:, : k - 1]
+    check(call_nf4(x1, p, bias, threads), ref_nf4(x1, p, bias), dtype, x1, nf4.dequantize(p))
+
+
 @pytest.mark.parametrize("m", [1, 64])
 def test_float32_is_exact_at_large_k(isa, m):
     """float32 activations are computed in float32: 1e-5 against the reference at K = 4096."""

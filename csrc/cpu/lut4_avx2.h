@@ -2,7 +2,7 @@
 //
 // vpermps on ymm indexes 8 entries, so the 16 decoded values of a segment are two ymm tables
 // (entries 0..7 and 8..15): both are permuted by the code and bit 3 of the code, moved to the
-// sign bit, blends the two. Only 16 ymm registers: the GEMM micro-tile is 2 x 4.
+// sign bit, blends the two. The GEMM is lut4_gemm_avx2.h.
 #pragma once
 
 #include <immintrin.h>
@@ -22,7 +22,10 @@ template <bool HF>
 constexpr int64_t gemv_x_element(int64_t pos) {
   return 2 * (pos & 7) + ((pos >> 3) ^ (HF ? 1 : 0));
 }
-constexpr int kMR = 2, kNR = 4;
+
+// The GEMV prefetches its weight stream this far ahead (bytes), by row length K (the AVX-512
+// GEMV's distances, lut4_avx512.h).
+inline int64_t gemv_prefetch_bytes(int64_t K) { return K >= 8192 ? 8192 : 4096; }
 
 template <class T>
 constexpr int gemv_max_m() {
@@ -74,10 +77,47 @@ inline void gemv_block(const F& f, const GemvRow* rows, int64_t K, int64_t L, co
   __m256 acc[NR][MR][2];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  const int64_t pf = gemv_prefetch_bytes(K);
   int64_t k = 0;
   for (int64_t g = 0; k < K; ++g) {
     Lut16 lut[NR];
-    for (int r = 0; r < NR; ++r) lut[r] = segment_lut(f, rows[r].s[g], F::kHasZero ? rows[r].z[g] : 0.0f);
+    for (int r = 0; r < NR; ++r) {
+      if constexpr (!F::kHasZero) lut[r] = segment_lut(f, rows[r].s[g], 0.0f);
+      // The segment's bytes pf ahead (one line per 128 columns; past the row end is harmless).
+      for (int64_t o = 0; o < L / 2; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r].q + (k >> 1) + pf + o), _MM_HINT_T0);
+    }
+    if constexpr (F::kHasZero) {
+      // int4 (table T[i] = i): the codes converted (vcvtdq2ps) and the zero subtracted give
+      // q - z exactly as the reference rounds it; the scale is applied once per segment:
+      // acc += s * sum (q - z) x. Two conversions and two subtractions per 16 weights instead
+      // of four vpermps and two blends, which share the FMA pipes (float32 sums in another order
+      // than the reference; one-hot x still reads (q - z) * s exactly).
+      __m256 seg[NR][MR][2];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) seg[r][m][0] = seg[r][m][1] = _mm256_setzero_ps();
+      const __m256i m15 = _mm256_set1_epi32(15);
+      for (const int64_t end = k + L; k < end; k += 16) {
+        for (int r = 0; r < NR; ++r) {
+          const __m256 vz = _mm256_set1_ps(rows[r].z[g]);
+          const __m256i b = load_codes8(rows[r].q + (k >> 1));
+          const __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, m15)), vz);
+          const __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz);
+          for (int m = 0; m < MR; ++m) {
+            seg[r][m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr[m] + k), seg[r][m][0]);
+            seg[r][m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr[m] + k + 8), seg[r][m][1]);
+          }
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m256 vs = _mm256_set1_ps(rows[r].s[g]);
+        for (int m = 0; m < MR; ++m) {
+          acc[r][m][0] = _mm256_fmadd_ps(vs, seg[r][m][0], acc[r][m][0]);
+          acc[r][m][1] = _mm256_fmadd_ps(vs, seg[r][m][1], acc[r][m][1]);
+        }
+      }
+      continue;
+    }
     for (const int64_t end = k + L; k < end; k += 16) {
       for (int r = 0; r < NR; ++r) {
         const __m256i b = load_codes8(rows[r].q + (k >> 1));
@@ -107,24 +147,6 @@ inline void decode_run(const uint8_t* src, const float* lut16, int64_t nchunks, 
     _mm256_storeu_ps(dst + 16 * c, _mm256_permute2f128_ps(t0, t1, 0x20));
     _mm256_storeu_ps(dst + 16 * c + 8, _mm256_permute2f128_ps(t0, t1, 0x31));
   }
-}
-
-// c[i * cs + j] += dot(x[i][0, kc), w[j * ws + (0, kc)]), kc a multiple of 32.
-template <int MR, int NR>
-inline void micro(const float* const* x, const float* w, int64_t ws, int64_t kc, float* c, int64_t cs) {
-  __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; k += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ws + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x[i] + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) c[i * cs + j] += hsum(acc[i][j]);
 }
 
 }  // namespace

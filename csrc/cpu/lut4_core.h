@@ -238,7 +238,7 @@ void gemv_rows(const F& f, const Lut4Io& io, const T* xp, int64_t r0, int64_t r1
 #endif
     }
   };
-#if defined(LOWBIT_LUT4_AVX512)
+#if defined(LOWBIT_LUT4_AVX512) || defined(LOWBIT_LUT4_AVX2)
   // The loop prefetches gemv_prefetch_bytes ahead: fetch the start of this run of rows too.
   const char* q0 = reinterpret_cast<const char*>(f.q + ((r0 * K) >> 1));
   const int64_t pro = std::min(gemv_prefetch_bytes(K), ((r1 - r0) * K) >> 1);
@@ -317,7 +317,7 @@ void decode_panel(const F& f, bool fast, int64_t n0, int64_t nr, int64_t kb, int
   }
 }
 
-#if !defined(LOWBIT_LUT4_AVX512)  // AVX-512 has its own GEMM (lut4_gemm_avx512.h)
+#if !defined(LOWBIT_LUT4_AVX512) && !defined(LOWBIT_LUT4_AVX2)  // own GEMMs: lut4_gemm_avx512.h, lut4_gemm_avx2.h
 template <class T>
 struct GemmX {      // the x operand of the GEMM micro-kernel: rows of T with a stride, kp columns
   const T* data;
@@ -413,6 +413,8 @@ void run_gemm_typed(const F& f, const Lut4Io& io, bool fast, int num_threads) {
 
 #if defined(LOWBIT_LUT4_AVX512)
 #include "lut4_gemm_avx512.h"
+#elif defined(LOWBIT_LUT4_AVX2)
+#include "lut4_gemm_avx2.h"
 #endif
 
 namespace lowbit {
@@ -437,7 +439,7 @@ void run_lut4(const F& f, const Lut4Io& io, int num_threads) {
     run_gemv_typed<F, float>(f, io, num_threads);
     return;
   }
-#if defined(LOWBIT_LUT4_AVX512)
+#if defined(LOWBIT_LUT4_AVX512) || defined(LOWBIT_LUT4_AVX2)
   run_gemm_outer<F, float>(f, io, fast, num_threads);
 #else
   run_gemm_typed<F, float>(f, io, fast, num_threads);
