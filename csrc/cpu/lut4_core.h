@@ -22,9 +22,11 @@
 //    columns, into that order ("permuted" x) instead of interleaving the weights.
 //  * GEMM (larger M): per task (a tile of kNC weight rows x an M block), the weights of a
 //    K block are decoded once into a panel (float32, or bfloat16 when x and out are bfloat16
-//    and the CPU has AVX512-BF16) that stays in L2, then a register-blocked micro-kernel
-//    (kMR x rows x kNR weight rows, vectors along k, one horizontal sum per K block) runs
-//    every row of x against it. x is read in place when it already has the compute dtype.
+//    and the CPU has AVX512-BF16) that stays in L2, then a register-blocked micro-kernel runs
+//    every row of x against it. AVX-512 and AVX2 use outer-product tiles on x transposed into
+//    row panels (lut4_gemm_avx512.h, lut4_gemm_avx2.h); NEON and scalar an inner-product tile
+//    (kMR x rows x kNR weight rows, vectors along k, one horizontal sum per K block) that reads
+//    x in place when it already has the compute dtype.
 // "Fast" layouts (every segment and row a multiple of 32 columns) use the SIMD decoders;
 // any other layout the format allows (e.g. nf4 with an odd K) decodes element by element
 // into the panel and takes the GEMM path, so every shape is computed.
