@@ -1,8 +1,9 @@
 """The native CPU sparse24_matmul kernel (2:4 sparse weights), on every instruction-set path.
 
 Each test runs once per ISA this CPU supports (``LOWBIT_CPU_ISA`` forces the path), against the
-pure-PyTorch reference; M crosses the switch between the gather kernels (small M) and the
-outer-product kernels (M >= 16 with fp32 math, M >= 32 with bf16 x and values), K covers the
+pure-PyTorch reference; M crosses the switches between the row kernels (bf16 x and values, M = 1,
+or M <= 4 with x in 32 KiB), the gather kernels (small M) and the outer-product kernels (M >= 16
+with fp32 math, M >= 32 with bf16 x and values), K covers the
 smallest legal size, tails of every SIMD step and multi-block sizes, N covers partial tiles.
 """
 
@@ -95,6 +96,17 @@ def test_larger_problem(isa, m, x_dtype, v_dtype):
     # K spans several blocks of every kernel plus a tail; N several tiles plus a partial one.
     x, values, meta, b = make(m, 67, 1096, x_dtype, v_dtype, seed=m, bias_dtype=torch.float32)
     check(run(x, values, meta, b), x, values, meta, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,k", [(1, 8), (1, 64), (1, 264), (1, 4104), (2, 520), (3, 1096), (4, 4096), (4, 4104),
+                                 (2, 8200), (5, 520)])
+def test_small_m_row_kernel(isa, m, k, threads):
+    # bf16 x and values, M <= 4 with M x rows of at most 32 KiB (M = 1 always): the row kernels
+    # (runs of whole weight rows per thread, 4 accumulator chains at M = 1), else the gather
+    # tiles; K covers the 64- and 256-column steps and their tails, N several runs per thread.
+    x, values, meta, b = make(m, 37, k, torch.bfloat16, torch.bfloat16, seed=k + m, bias_dtype=torch.bfloat16)
+    check(run(x, values, meta, b, threads), x, values, meta, b)
 
 
 def test_fp32_activations_are_exact(isa):

@@ -257,4 +257,54 @@ void gather_tile_bf16(const Sparse24MatmulArgs& a, const int64_t* rows, const ui
       out[i][r] = y;
     }
 }
+
+// Small-M row kernel (run_gemv): out[r] = dot(weight row n, x row xr[r]) for R <= kGemvMaxM
+// bf16 x rows: the 64-column step of gather_tile_bf16 for one weight row, so that a thread's
+// weight reads are sequential runs (see run_gemv). With few x rows the dot products rotate over
+// C accumulator chains (vdpbf16ps latency).
+template <int R>
+void gemv_row_bf16(const Sparse24MatmulArgs& a, int64_t n, const uint16_t* const* xr, float* out) {
+  constexpr int C = R == 1 ? 4 : R == 2 ? 2 : 1;
+  const int64_t K = a.K;
+  const uint8_t* mp = a.meta + n * (K / 8);
+  const uint16_t* vp = static_cast<const uint16_t*>(a.values) + n * (K / 2);
+  const __m512i ctrl = _mm512_load_si512(kBf16MetaByte);
+  const __m512i shifts = _mm512_load_si512(kBf16Shift);
+  const __m512i base = _mm512_load_si512(kBf16Base);
+  const __m512i three = _mm512_set1_epi16(3);
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  auto step = [&](__m512(&ac)[R], int64_t k) {
+    __m512i m = _mm512_set1_epi64(static_cast<long long>(load_u64(mp + k / 8)));
+    m = _mm512_srlv_epi16(_mm512_shuffle_epi8(m, ctrl), shifts);
+    const __m512i idx = _mm512_ternarylogic_epi32(m, three, base, 0xEA);  // (m & 3) | base
+    const __m512bh w = as_bh(_mm512_loadu_si512(vp + k / 2));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i g = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr[r] + k), idx,
+                                                  _mm512_loadu_si512(xr[r] + k + 32));
+      ac[r] = _mm512_dpbf16_ps(ac[r], as_bh(g), w);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 256 <= K; k += 256) {  // 256 value bytes (4 lines), 32 meta bytes; prefetch into the next rows
+    const char* pv = reinterpret_cast<const char*>(vp + k / 2) + kGemvPrefetchBytes;
+    for (int l = 0; l < 256; l += 64) _mm_prefetch(pv + l, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mp + k / 8) + kGemvPrefetchBytes / 8, _MM_HINT_T0);
+    step(acc[0], k);
+    step(acc[1 % C], k + 64);
+    step(acc[2 % C], k + 128);
+    step(acc[3 % C], k + 192);
+  }
+  for (; k + 64 <= K; k += 64) step(acc[0], k);
+  for (int r = 0; r < R; ++r) {
+    __m512 s = acc[0][r];
+    if constexpr (C == 2) s = _mm512_add_ps(s, acc[1][r]);
+    if constexpr (C == 4) s = _mm512_add_ps(_mm512_add_ps(s, acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+    float y = _mm512_reduce_add_ps(s);
+    if (k < K) y += dot_groups<kBFloat16, kBFloat16>(a, n, xr[r], k / 4, K / 4);
+    out[r] = y;
+  }
+}
 #endif
