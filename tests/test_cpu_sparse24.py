@@ -3,7 +3,7 @@
 Each test runs once per ISA this CPU supports (``LOWBIT_CPU_ISA`` forces the path), against the
 pure-PyTorch reference; M crosses the switch between the gather kernels (small M) and the
 outer-product kernels (M >= 16 with fp32 math, M >= 32 with bf16 x and values; on AVX-512 the
-dense-panel path takes those M, and fp32 math goes back to the outer-product kernel from M = 512),
+dense-panel path takes over at M >= 256 with bf16 x and values and for 16 <= M < 512 with fp32 math),
 K covers the smallest legal size, tails of every SIMD step and multi-block sizes, N covers partial
 tiles.
 """
@@ -188,24 +188,24 @@ def illegal_dense(values, meta):
     return dense
 
 
-# The switch points of the dense-panel path (AVX-512): bf16 x and values from M = 32 (gather
-# below), fp32 math from M = 16 up to 511 (outer-product XT kernel from 512). K = 1096 spans
+# The switch points of the dense-panel path (AVX-512): bf16 x and values from M = 256 (XP
+# outer-product kernel below, gather below 32), fp32 math from M = 16 up to 511 (XT from 512). K = 1096 spans
 # several K blocks (512 bf16 / 256 fp32 columns) and ends 8 columns past a 32-column step; K = 40
 # is shorter than one 64-column decode step; N = 70 is one full 64-row tile plus a partial one.
 @pytest.mark.parametrize("x_dtype,v_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                              (torch.float32, torch.float16), (torch.bfloat16, torch.float16),
                                              (torch.float16, torch.bfloat16)])
-@pytest.mark.parametrize("m", [15, 16, 31, 32, 33, 511, 512])
+@pytest.mark.parametrize("m", [15, 16, 31, 32, 255, 256, 257, 511, 512])
 @pytest.mark.parametrize("k", [40, 1096])
 def test_dense_path_switch_points(isa, m, k, x_dtype, v_dtype):
-    n = 70 if m < 500 else 21
+    n = 70 if m < 200 else 21
     x, values, meta, b = make(m, n, k, x_dtype, v_dtype, seed=m + k, bias_dtype=x_dtype)
     check(run(x, values, meta, b, threads=1 + m % 2), x, values, meta, b)
 
 
 @pytest.mark.parametrize("x_dtype,v_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                              (torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
-@pytest.mark.parametrize("m", [17, 33, 40])
+@pytest.mark.parametrize("m", [17, 40, 257])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_dense_path_illegal_nibbles(isa, m, threads, x_dtype, v_dtype):
     # Random meta bytes: illegal orders (i0 > i1) and repeated columns (i0 == i1) in every K
@@ -228,7 +228,7 @@ def test_dense_path_fp32_is_exact(isa):
     g = torch.Generator().manual_seed(2)
     w = sparse24.prune(torch.randint(-8, 9, (70, 1096), generator=g).float())
     p = sparse24.compress(w)
-    for m in (16, 33, 100):
+    for m in (16, 33, 300):
         x = torch.randint(-8, 9, (m, 1096), generator=g).float() + 1 / 256
         torch.testing.assert_close(run(x, p.values, p.meta), x.double() @ w.double().t(), rtol=0, atol=0,
                                    check_dtype=False)

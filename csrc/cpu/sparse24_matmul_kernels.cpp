@@ -40,9 +40,9 @@
 // products (vdpbf16ps) are used only when x and values are both bf16. Results do not depend
 // on the thread count.
 //
-// 3. Dense panels (AVX-512, M >= kDenseMinM*; sparse24_dense_kernels.cpp): the 2:4 rows decoded
-//    per K block into dense bf16 / float32 panels for the int4/nf4 outer-product GEMM; this
-//    replaces family 2 where it measured faster (see the dispatch below).
+// 3. Dense panels (AVX-512; sparse24_dense_kernels.cpp): the 2:4 rows decoded per K block into
+//    dense bf16 / float32 panels for the int4/nf4 outer-product GEMM; it replaces family 2
+//    where it measured faster (bf16 M >= 256, float32 math 16 <= M < 512; see the dispatch).
 //
 // Parts of this file, included inside its anonymous namespace: sparse24_gather.h (the gather
 // tiles of family 1) and sparse24_table.h (the outer-product kernels of family 2).
@@ -257,19 +257,20 @@ void run_f32_math(const Sparse24MatmulArgs& a, int num_threads) {
 }  // namespace
 
 // sparse24_dense_kernels.cpp: dense panels + the int4/nf4 outer-product GEMM (AVX-512 builds;
-// returns false, doing nothing, on the others). Measured on Zen 5 (2 threads, bf16 4096x14336,
-// 14336x4096, 4096x4096): 1.0-1.35x the XP kernel at M = 32..256, 0.99-1.17x at 512; with
-// float32 math 1.45-2.3x the XT kernel at M = 16..64, 0.87-1.05x at 512.
+// returns false, doing nothing, on the others). Measured in lowbit.bench (Zen 5, 2 threads,
+// 4096x14336, 14336x4096, 4096x4096; weights cold): bf16 M = 64 dense 0.71-0.72x F.linear bf16
+// against 0.89-1.02x for the XP kernel (the decode waits on memory), M = 256 0.84-0.87x against
+// 0.79-0.90x, M = 512 0.85-0.89x; float32 math 1.1-1.5x the XT kernel at M = 16 and 64.
 bool LOWBIT_ISA_FN(sparse24_dense_gemm)(const Sparse24MatmulArgs& a, int num_threads);
-constexpr int64_t kDenseMinMBf16 = 32;  // bf16 x and values: the gather kernel below (sparse24_gather.h)
+constexpr int64_t kDenseMinMBf16 = 256;  // bf16 x and values: the XP kernel below, the gather kernel below 32
 constexpr int64_t kDenseMinMF32 = 16;
 constexpr int64_t kDenseMaxMF32 = 512;
 
 void LOWBIT_ISA_FN(sparse24_matmul_kernel)(const Sparse24MatmulArgs& a, int num_threads) {
   // All allocation happens here and in the run_* set-up, on the calling thread (a bad_alloc
   // becomes MemoryError); the tasks only compute and cannot throw.
-  // Dense panels (AVX-512) from kDenseMinM x rows; with float32 math only below kDenseMaxMF32,
-  // above which the XT outer-product kernel measured as fast or faster.
+  // Dense panels (AVX-512) from kDenseMinM* x rows; with float32 math only below kDenseMaxMF32
+  // (the XT outer-product kernel measured as fast or faster from there).
   {
 #if defined(LOWBIT_S24_BF16)
     const bool bf16 = a.x_dtype == kBFloat16 && a.values_dtype == kBFloat16;  // bf16 products
