@@ -3,8 +3,9 @@
 Each test runs once per ISA this CPU supports (``LOWBIT_CPU_ISA`` forces the path), against the
 pure-PyTorch reference; M crosses the switches between the row kernels (bf16 x and values, M = 1,
 or M <= 4 with x in 32 KiB), the gather kernels (small M) and the outer-product kernels (M >= 16
-with fp32 math, M >= 32 with bf16 x and values), K covers the
-smallest legal size, tails of every SIMD step and multi-block sizes, N covers partial tiles.
+with fp32 math, M >= 32 with bf16 x and values; on AVX-512 the dense-panel path takes over at
+M >= 256 with bf16 x and values and for 16 <= M < 512 with fp32 math), K covers the smallest
+legal size, tails of every SIMD step and multi-block sizes, N covers partial tiles.
 """
 
 from __future__ import annotations
@@ -183,6 +184,65 @@ def test_every_isa_gives_the_scalar_answer_for_illegal_nibbles(monkeypatch):
             out = torch.empty(m, n)
             raw(x, values, meta, None, out, 2)
             assert rel_err(out, expect) < 1e-5, isa_name
+
+
+def illegal_dense(values, meta):
+    """The dense matrix of the defined result for any nibble: W[4g + i0] += v0, W[4g + i1] += v1."""
+    n, k = meta.shape[0], meta.shape[1] * 8
+    nib = torch.stack([meta & 15, meta >> 4], -1).reshape(n, k // 4).long()
+    cols = torch.arange(k // 4).mul(4)
+    dense = torch.zeros(n, k, dtype=torch.float64)
+    v = values.double().reshape(n, k // 4, 2)
+    rows = torch.arange(n).unsqueeze(1)
+    dense.index_put_((rows, cols + (nib & 3)), v[..., 0], accumulate=True)
+    dense.index_put_((rows, cols + (nib >> 2)), v[..., 1], accumulate=True)
+    return dense
+
+
+# The switch points of the dense-panel path (AVX-512): bf16 x and values from M = 256 (XP
+# outer-product kernel below, gather below 32), fp32 math from M = 16 up to 511 (XT from 512). K = 1096 spans
+# several K blocks (512 bf16 / 256 fp32 columns) and ends 8 columns past a 32-column step; K = 40
+# is shorter than one 64-column decode step; N = 70 is one full 64-row tile plus a partial one.
+@pytest.mark.parametrize("x_dtype,v_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.float32, torch.float16), (torch.bfloat16, torch.float16),
+                                             (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("m", [15, 16, 31, 32, 255, 256, 257, 511, 512])
+@pytest.mark.parametrize("k", [40, 1096])
+def test_dense_path_switch_points(isa, m, k, x_dtype, v_dtype):
+    n = 70 if m < 200 else 21
+    x, values, meta, b = make(m, n, k, x_dtype, v_dtype, seed=m + k, bias_dtype=x_dtype)
+    check(run(x, values, meta, b, threads=1 + m % 2), x, values, meta, b)
+
+
+@pytest.mark.parametrize("x_dtype,v_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("m", [17, 40, 257])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_path_illegal_nibbles(isa, m, threads, x_dtype, v_dtype):
+    # Random meta bytes: illegal orders (i0 > i1) and repeated columns (i0 == i1) in every K
+    # block, the K tail and both row tiles; dense panels must still give the defined result.
+    g = torch.Generator().manual_seed(m)
+    n, k = 70, 1096
+    values = torch.randn(n, k // 2, generator=g).to(v_dtype)
+    meta = torch.randint(0, 256, (n, k // 8), generator=g, dtype=torch.uint8)
+    meta[:8] = 0x44  # some rows legal throughout (nibble 4: columns 0, 1)
+    meta[3, -1] = 0x00  # an i0 == i1 nibble in the last meta byte only
+    x = torch.randn(m, k, generator=g).to(x_dtype)
+    expect = x.double() @ illegal_dense(values, meta).t()
+    out = torch.empty(m, n)
+    raw(x, values, meta, None, out, threads)
+    assert rel_err(out, expect) < (1e-5 if x_dtype == torch.float32 else 1e-2)
+
+
+def test_dense_path_fp32_is_exact(isa):
+    # Integer-valued operands (see test_fp32_activations_are_exact) at the dense-path sizes.
+    g = torch.Generator().manual_seed(2)
+    w = sparse24.prune(torch.randint(-8, 9, (70, 1096), generator=g).float())
+    p = sparse24.compress(w)
+    for m in (16, 33, 300):
+        x = torch.randint(-8, 9, (m, 1096), generator=g).float() + 1 / 256
+        torch.testing.assert_close(run(x, p.values, p.meta), x.double() @ w.double().t(), rtol=0, atol=0,
+                                   check_dtype=False)
 
 
 def test_dispatch_uses_native_kernel():

@@ -14,6 +14,9 @@
 // weight rows x up to kMC x rows; per K block of KC columns it decodes its kNC rows once
 // (L2: 64 KiB) and runs every 32-row x block against them (the x panel slice, 32 KiB, stays
 // in L1 across the 8 weight-row tiles).
+//
+// The driver (run_gemm_outer_src) takes its weight panels from a "panel source" policy: the
+// lut4 formats (Lut4PanelSource, below) and 2:4 sparse rows (sparse24_dense_kernels.cpp).
 #pragma once
 
 #include <immintrin.h>
@@ -187,13 +190,22 @@ template <class T>
 struct OuterScratch {
   std::vector<T> panel;      // [kNC][KC] decoded weights (rows past N zero)
   std::vector<float> ctile;  // [kNC][kMC] C^T
-  std::vector<float> scales;  // [kNC][nseg] segment scales, then [kNC][nseg] zeros (fast layouts)
-  std::vector<float> bias;    // [kNC]
+  std::vector<float> bias;   // [kNC]
 };
 
-// T: float (float32 products) or uint16_t (bfloat16 pairs, x and out bfloat16).
-template <class F, class T>
-void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
+// The GEMM driver, over a "panel source" Src that turns weight rows into dense panels of T
+// (the lut4 formats below; sparse24_dense_kernels.cpp for 2:4 weights). Src provides
+//   Tile: per-thread state, made on the calling thread by src.tile_scratch();
+//   begin(Tile&, n0, nc): a task starts on weight rows [n0, n0 + nc) (nc <= kNC);
+//   decode(Tile&, n0, nc, kb, kcp, T* panel): panel[j * kcp + (k - kb)] = W[n0 + j, k] for
+//     k in [kb, kb + kcp), j < nc, zero for k >= K;
+//   prefetch(n0, nc, kb, kc): bring columns [kb, kb + kc) of those rows towards L2 (called
+//     while the block before is multiplied);
+//   finish(Tile&, n0, nc, m0, mc, ct, cs): last changes to C^T (ct[j * cs + i] for x row
+//     m0 + i) before it is stored.
+// T: float (float32 products) or uint16_t (bfloat16 pairs; x must be bfloat16 then).
+template <class T, class Src>
+void run_gemm_outer_src(const Src& src, const Lut4Io& io, int num_threads) {
   constexpr int64_t E = 4 / sizeof(T);  // k values per 32-bit element
   const int64_t M = io.M, N = io.N, K = io.K;
   const int64_t Kp = round_up(K, 32), D = Kp / E;  // 32-bit elements per x row
@@ -228,10 +240,10 @@ void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
   {
     const int64_t dblocks = D / 16;  // Kp is a multiple of 32, so D of 16
     parallel_for(mblocks, threads, [&](int64_t b, int) {
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(xsrc + b * kOuterMB * xstride);
+      const uint32_t* src_rows = reinterpret_cast<const uint32_t*>(xsrc + b * kOuterMB * xstride);
       uint32_t* dst = xpanel + b * D * kOuterMB;
       const int64_t rows = std::min(kOuterMB, M - b * kOuterMB);
-      for (int64_t db = 0; db < dblocks; ++db) xpanel_block(src, xstride / E, rows, 16 * db, dst);
+      for (int64_t db = 0; db < dblocks; ++db) xpanel_block(src_rows, xstride / E, rows, 16 * db, dst);
     });
   }
 
@@ -241,55 +253,101 @@ void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
   const int64_t MC = round_up(std::min(M, kMC), kOuterMB);
   const int64_t ntiles = (N + kNC - 1) / kNC, mtiles = (M + MC - 1) / MC;
   std::vector<OuterScratch<T>> scratch(static_cast<size_t>(threads));
-  const int64_t L = fast ? f.seg_len() : K, nseg = K / L;
+  std::vector<typename Src::Tile> tiles;
+  tiles.reserve(static_cast<size_t>(threads));
   for (auto& s : scratch) {
     s.panel.assign(static_cast<size_t>(kNC * KC), T(0));
     s.ctile.resize(static_cast<size_t>(kNC * MC));
-    s.scales.resize(static_cast<size_t>(fast ? 2 * kNC * nseg : 0));
     s.bias.resize(static_cast<size_t>(kNC));
+    tiles.push_back(src.tile_scratch());
   }
   parallel_for(ntiles * mtiles, threads, [&](int64_t t, int thread) {
     OuterScratch<T>& s = scratch[static_cast<size_t>(thread)];
+    typename Src::Tile& st = tiles[static_cast<size_t>(thread)];
     const int64_t n0 = (t / mtiles) * kNC, nc = std::min(kNC, N - n0);
     const int64_t ncp = round_up(nc, 16);
     const int64_t m0 = (t % mtiles) * MC, mc = std::min(MC, M - m0);
     const int64_t mcp = round_up(mc, kOuterMB);
     std::fill(s.ctile.begin(), s.ctile.begin() + ncp * MC, 0.0f);
-    float* S = s.scales.data();
-    float* Z = S + kNC * nseg;
-    if (fast)
-      for (int64_t j = 0; j < nc; ++j) f.row_scales(n0 + j, S + j * nseg, Z + j * nseg);
+    src.begin(st, n0, nc);
     for (int64_t kb = 0; kb < Kp; kb += KC) {
       const int64_t kcp = std::min(KC, Kp - kb);
-      if (fast) {
-        decode_rows_fast(f, S, Z, nseg, L, n0, nc, kb, kcp, s.panel.data());
-      } else {
-        decode_panel(f, false, n0, nc, kb, std::min(kcp, K - kb), kcp, s.panel.data());
-      }
+      src.decode(st, n0, nc, kb, kcp, s.panel.data());
       std::fill(s.panel.begin() + nc * kcp, s.panel.begin() + ncp * kcp, T(0));
-      // A K block touches kNC rows x KC/2 bytes: too many short streams for the hardware
-      // prefetchers, so fetch the next block's codes while this one is multiplied.
-      if (kb + KC < K) {
-        const int64_t bytes = (std::min(KC, K - kb - KC) + 1) / 2;
-        for (int64_t j = 0; j < nc; ++j) {
-          const char* row = reinterpret_cast<const char*>(f.q + (((n0 + j) * K + kb + KC) >> 1));
-          for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T1);
-        }
-      }
+      // A K block touches kNC rows x a short run of each: too many short streams for the
+      // hardware prefetchers, so fetch the next block's weights while this one is multiplied.
+      // (Src::kSpreadPrefetch: a few rows before each micro-tile of the first x block instead
+      // of all at once, so that the misses do not queue up behind each other.)
+      const bool pf = kb + KC < K;
+      const int64_t pf_kc = pf ? std::min(KC, K - kb - KC) : 0;
+      if (pf && !Src::kSpreadPrefetch) src.prefetch(n0, nc, kb + KC, pf_kc);
       for (int64_t i = 0; i < mcp; i += kOuterMB) {
         const T* xp = reinterpret_cast<const T*>(xpanel + ((m0 + i) / kOuterMB * D + kb / E) * kOuterMB);
+        const bool pf_here = pf && Src::kSpreadPrefetch && i == 0;
         if (mc - i > 16) {
-          for (int64_t j = 0; j < ncp; j += outer_nr<2>())
+          for (int64_t j = 0; j < ncp; j += outer_nr<2>()) {
+            if (pf_here && j < nc) src.prefetch(n0 + j, std::min<int64_t>(outer_nr<2>(), nc - j), kb + KC, pf_kc);
             outer_micro<2>(xp, s.panel.data() + j * kcp, kcp, kcp / E, s.ctile.data() + j * MC + i, MC);
+          }
         } else {
-          for (int64_t j = 0; j < ncp; j += outer_nr<1>())
+          for (int64_t j = 0; j < ncp; j += outer_nr<1>()) {
+            if (pf_here && j < nc) src.prefetch(n0 + j, std::min<int64_t>(outer_nr<1>(), nc - j), kb + KC, pf_kc);
             outer_micro<1>(xp, s.panel.data() + j * kcp, kcp, kcp / E, s.ctile.data() + j * MC + i, MC);
+          }
         }
       }
     }
+    src.finish(st, n0, nc, m0, mc, s.ctile.data(), MC);
     for (int64_t j = 0; j < nc; ++j) s.bias[j] = io.bias ? load_as_float(io.bias, n0 + j, io.bias_dtype) : 0.0f;
     store_ctile(io, s.ctile.data(), MC, s.bias.data(), m0, mc, n0, nc);
   });
+}
+
+// The lut4 formats as a panel source: fast layouts decode from the rows' segment scales
+// (loaded once per task), any other layout element by element.
+template <class F, class T>
+struct Lut4PanelSource {
+  static constexpr bool kSpreadPrefetch = false;
+  const F& f;
+  bool fast;
+  int64_t L, nseg;
+
+  struct Tile {
+    std::vector<float> scales;  // [kNC][nseg] segment scales, then [kNC][nseg] zeros (fast layouts)
+  };
+  Tile tile_scratch() const {
+    Tile t;
+    t.scales.resize(static_cast<size_t>(fast ? 2 * kNC * nseg : 0));
+    return t;
+  }
+  void begin(Tile& t, int64_t n0, int64_t nc) const {
+    if (!fast) return;
+    float* S = t.scales.data();
+    float* Z = S + kNC * nseg;
+    for (int64_t j = 0; j < nc; ++j) f.row_scales(n0 + j, S + j * nseg, Z + j * nseg);
+  }
+  void decode(Tile& t, int64_t n0, int64_t nc, int64_t kb, int64_t kcp, T* panel) const {
+    if (fast) {
+      const float* S = t.scales.data();
+      decode_rows_fast(f, S, S + kNC * nseg, nseg, L, n0, nc, kb, kcp, panel);
+    } else {
+      decode_panel(f, false, n0, nc, kb, std::min(kcp, f.K - kb), kcp, panel);
+    }
+  }
+  void prefetch(int64_t n0, int64_t nc, int64_t kb, int64_t kc) const {
+    const int64_t bytes = (kc + 1) / 2;
+    for (int64_t j = 0; j < nc; ++j) {
+      const char* row = reinterpret_cast<const char*>(f.q + (((n0 + j) * f.K + kb) >> 1));
+      for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T1);
+    }
+  }
+  void finish(Tile&, int64_t, int64_t, int64_t, int64_t, float*, int64_t) const {}
+};
+
+template <class F, class T>
+void run_gemm_outer(const F& f, const Lut4Io& io, bool fast, int num_threads) {
+  const int64_t L = fast ? f.seg_len() : io.K;
+  run_gemm_outer_src<T>(Lut4PanelSource<F, T>{f, fast, L, io.K / L}, io, num_threads);
 }
 
 }  // namespace

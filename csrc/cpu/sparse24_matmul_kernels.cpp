@@ -45,6 +45,10 @@
 // products (vdpbf16ps) are used only when x and values are both bf16. Results do not depend
 // on the thread count.
 //
+// 3. Dense panels (AVX-512; sparse24_dense_kernels.cpp): the 2:4 rows decoded per K block into
+//    dense bf16 / float32 panels for the int4/nf4 outer-product GEMM; it replaces family 2
+//    where it measured faster (bf16 M >= 256, float32 math 16 <= M < 512; see the dispatch).
+//
 // Parts of this file, included inside its anonymous namespace: sparse24_gather.h (the gather
 // tiles of family 1) and sparse24_table.h (the outer-product kernels of family 2).
 #include <algorithm>
@@ -323,9 +327,31 @@ void run_f32_math(const Sparse24MatmulArgs& a, int num_threads) {
 
 }  // namespace
 
+// sparse24_dense_kernels.cpp: dense panels + the int4/nf4 outer-product GEMM (AVX-512 builds;
+// returns false, doing nothing, on the others). Measured in lowbit.bench (Zen 5, 2 threads,
+// 4096x14336, 14336x4096, 4096x4096; weights cold): bf16 M = 64 dense 0.71-0.72x F.linear bf16
+// against 0.89-1.02x for the XP kernel (the decode waits on memory), M = 256 0.84-0.87x against
+// 0.79-0.90x, M = 512 0.85-0.89x; float32 math 1.1-1.5x the XT kernel at M = 16 and 64.
+bool LOWBIT_ISA_FN(sparse24_dense_gemm)(const Sparse24MatmulArgs& a, int num_threads);
+constexpr int64_t kDenseMinMBf16 = 256;  // bf16 x and values: the XP kernel below, the gather kernel below 32
+constexpr int64_t kDenseMinMF32 = 16;
+constexpr int64_t kDenseMaxMF32 = 512;
+
 void LOWBIT_ISA_FN(sparse24_matmul_kernel)(const Sparse24MatmulArgs& a, int num_threads) {
   // All allocation happens here and in the run_* set-up, on the calling thread (a bad_alloc
   // becomes MemoryError); the tasks only compute and cannot throw.
+  // Dense panels (AVX-512) from kDenseMinM* x rows; with float32 math only below kDenseMaxMF32
+  // (the XT outer-product kernel measured as fast or faster from there).
+  {
+#if defined(LOWBIT_S24_BF16)
+    const bool bf16 = a.x_dtype == kBFloat16 && a.values_dtype == kBFloat16;  // bf16 products
+#else
+    const bool bf16 = false;
+#endif
+    if (a.M >= (bf16 ? kDenseMinMBf16 : kDenseMinMF32) && (bf16 || a.M < kDenseMaxMF32) &&
+        LOWBIT_ISA_FN(sparse24_dense_gemm)(a, num_threads))
+      return;
+  }
 #if defined(LOWBIT_S24_BF16)
   if (a.x_dtype == kBFloat16 && a.values_dtype == kBFloat16) {
     if (a.M >= kXpMinM) {
