@@ -76,6 +76,23 @@ struct Lut4Io {
   int64_t M = 0, N = 0, K = 0;
 };
 
+// The Lut4Io of an op's argument struct (every matmul's Args has these fields).
+template <class Args>
+Lut4Io lut4_io(const Args& a) {
+  Lut4Io io;
+  io.x = a.x;
+  io.x_dtype = a.x_dtype;
+  io.x_row_stride = a.x_row_stride;
+  io.bias = a.bias;
+  io.bias_dtype = a.bias_dtype;
+  io.out = a.out;
+  io.out_dtype = a.out_dtype;
+  io.M = a.M;
+  io.N = a.N;
+  io.K = a.K;
+  return io;
+}
+
 // One weight row for the GEMV: its codes and its per-segment scales and zeros as float32
 // (Format::row_scales), segments of Format::seg_len() columns.
 struct GemvRow {

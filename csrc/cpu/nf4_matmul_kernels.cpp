@@ -77,17 +77,7 @@ struct Nf4Format {
 }  // namespace
 
 void LOWBIT_ISA_FN(nf4_matmul_kernel)(const Nf4MatmulArgs& a, int num_threads) {
-  Lut4Io io;
-  io.x = a.x;
-  io.x_dtype = a.x_dtype;
-  io.x_row_stride = a.x_row_stride;
-  io.bias = a.bias;
-  io.bias_dtype = a.bias_dtype;
-  io.out = a.out;
-  io.out_dtype = a.out_dtype;
-  io.M = a.M;
-  io.N = a.N;
-  io.K = a.K;
+  const Lut4Io io = lut4_io(a);
   run_lut4(Nf4Format(a), io, num_threads);
 }
 

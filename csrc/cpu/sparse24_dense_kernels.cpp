@@ -220,17 +220,7 @@ struct Sparse24PanelSource {
 
 template <int VD, class T>
 void run_dense(const Sparse24MatmulArgs& a, int num_threads) {
-  Lut4Io io;
-  io.x = a.x;
-  io.x_dtype = a.x_dtype;
-  io.x_row_stride = a.x_row_stride;
-  io.bias = a.bias;
-  io.bias_dtype = a.bias_dtype;
-  io.out = a.out;
-  io.out_dtype = a.out_dtype;
-  io.M = a.M;
-  io.N = a.N;
-  io.K = a.K;
+  const Lut4Io io = lut4_io(a);
   run_gemm_outer_src<T>(Sparse24PanelSource<VD, T>{a, S24Decode<T>()}, io, num_threads);
 }
 
