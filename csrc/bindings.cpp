@@ -42,19 +42,13 @@ void run_cpu(const char* fn, const Args& a, void (*check)(const char*, const Arg
   kernel(a, static_cast<int>(num_threads));
 }
 
-Int4MatmulArgs make_int4_args(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
-                              uintptr_t scales_ptr, int scales_dtype, uintptr_t zeros_ptr, int zeros_dtype,
-                              uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M,
-                              int64_t N, int64_t K, int64_t group_size) {
-  Int4MatmulArgs a;
+// The fields every matmul's Args shares: the activations, bias, output and sizes.
+template <class Args>
+void set_matmul_io(Args& a, uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t bias_ptr, int bias_dtype,
+                   uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N, int64_t K) {
   a.x = reinterpret_cast<const void*>(x_ptr);
   a.x_dtype = x_dtype;
   a.x_row_stride = x_row_stride;
-  a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
-  a.scales = reinterpret_cast<const void*>(scales_ptr);
-  a.scales_dtype = scales_dtype;
-  a.zeros = reinterpret_cast<const void*>(zeros_ptr);
-  a.zeros_dtype = zeros_dtype;
   a.bias = reinterpret_cast<const void*>(bias_ptr);
   a.bias_dtype = bias_dtype;
   a.out = reinterpret_cast<void*>(out_ptr);
@@ -62,6 +56,19 @@ Int4MatmulArgs make_int4_args(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride
   a.M = M;
   a.N = N;
   a.K = K;
+}
+
+Int4MatmulArgs make_int4_args(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_t qweight_ptr,
+                              uintptr_t scales_ptr, int scales_dtype, uintptr_t zeros_ptr, int zeros_dtype,
+                              uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M,
+                              int64_t N, int64_t K, int64_t group_size) {
+  Int4MatmulArgs a;
+  set_matmul_io(a, x_ptr, x_dtype, x_row_stride, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N, K);
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
+  a.scales = reinterpret_cast<const void*>(scales_ptr);
+  a.scales_dtype = scales_dtype;
+  a.zeros = reinterpret_cast<const void*>(zeros_ptr);
+  a.zeros_dtype = zeros_dtype;
   a.group_size = group_size;
   return a;
 }
@@ -81,21 +88,12 @@ void nf4_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uintptr_
                     int bias_dtype, uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N, int64_t K,
                     int64_t blocksize, int64_t num_threads) {
   Nf4MatmulArgs a;
-  a.x = reinterpret_cast<const void*>(x_ptr);
-  a.x_dtype = x_dtype;
-  a.x_row_stride = x_row_stride;
+  set_matmul_io(a, x_ptr, x_dtype, x_row_stride, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N, K);
   a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
   a.absmax = reinterpret_cast<const void*>(absmax_ptr);
   a.absmax_scale = reinterpret_cast<const float*>(absmax_scale_ptr);
   a.absmax_code = reinterpret_cast<const float*>(absmax_code_ptr);
   a.absmax_offset = static_cast<float>(absmax_offset);
-  a.bias = reinterpret_cast<const void*>(bias_ptr);
-  a.bias_dtype = bias_dtype;
-  a.out = reinterpret_cast<void*>(out_ptr);
-  a.out_dtype = out_dtype;
-  a.M = M;
-  a.N = N;
-  a.K = K;
   a.blocksize = blocksize;
   run_cpu("nf4_matmul_cpu", a, check_nf4_matmul_args, cpu::nf4_matmul, num_threads);
 }
@@ -104,19 +102,10 @@ void sparse24_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uin
                          uintptr_t meta_ptr, uintptr_t bias_ptr, int bias_dtype, uintptr_t out_ptr, int out_dtype,
                          int64_t M, int64_t N, int64_t K, int64_t num_threads) {
   Sparse24MatmulArgs a;
-  a.x = reinterpret_cast<const void*>(x_ptr);
-  a.x_dtype = x_dtype;
-  a.x_row_stride = x_row_stride;
+  set_matmul_io(a, x_ptr, x_dtype, x_row_stride, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N, K);
   a.values = reinterpret_cast<const void*>(values_ptr);
   a.values_dtype = values_dtype;
   a.meta = reinterpret_cast<const uint8_t*>(meta_ptr);
-  a.bias = reinterpret_cast<const void*>(bias_ptr);
-  a.bias_dtype = bias_dtype;
-  a.out = reinterpret_cast<void*>(out_ptr);
-  a.out_dtype = out_dtype;
-  a.M = M;
-  a.N = N;
-  a.K = K;
   run_cpu("sparse24_matmul_cpu", a, check_sparse24_matmul_args, cpu::sparse24_matmul, num_threads);
 }
 
@@ -167,19 +156,10 @@ void ternary_matmul_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, uint
                         uintptr_t weight_scale_ptr, int64_t weight_scale_numel, uintptr_t bias_ptr, int bias_dtype,
                         uintptr_t out_ptr, int out_dtype, int64_t M, int64_t N, int64_t K, int64_t num_threads) {
   TernaryMatmulArgs a;
-  a.x = reinterpret_cast<const void*>(x_ptr);
-  a.x_dtype = x_dtype;
-  a.x_row_stride = x_row_stride;
+  set_matmul_io(a, x_ptr, x_dtype, x_row_stride, bias_ptr, bias_dtype, out_ptr, out_dtype, M, N, K);
   a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
   a.weight_scale = reinterpret_cast<const float*>(weight_scale_ptr);
   a.weight_scale_numel = weight_scale_numel;
-  a.bias = reinterpret_cast<const void*>(bias_ptr);
-  a.bias_dtype = bias_dtype;
-  a.out = reinterpret_cast<void*>(out_ptr);
-  a.out_dtype = out_dtype;
-  a.M = M;
-  a.N = N;
-  a.K = K;
   run_cpu("ternary_matmul_cpu", a, check_ternary_matmul_args, cpu::ternary_matmul, num_threads);
 }
 
