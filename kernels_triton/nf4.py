@@ -21,11 +21,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    INTERPRET,
     Config,
     cache_for,
     cfg,
     finish,
     grouped_tile,
+    inline_ptx_ok,
     m_bucket,
     mma_in,
     pick,
@@ -55,6 +57,42 @@ def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def _register_lut_asm(dtype: torch.dtype) -> str:
+    """Inline PTX: the 8 nibbles of an int32 word -> their NF4 values rounded to ``dtype``
+    (float16/bfloat16), as 8 float32 outputs in nibble order (bits 0-3 first).
+
+    The 16 table entries live in 8 registers as a low-byte and a high-byte plane; per 4 nibbles
+    ``prmt`` looks up entries 0-7 and 8-15 of each plane (4 ``prmt``), a fifth ``prmt`` with its
+    sign-replicate mode turns each nibble's top bit into a byte mask, two ``lop3`` select, and
+    two ``prmt`` interleave the planes into half2 words: ~3 instructions a weight and no memory
+    access, where the table in L1 costs one load per weight (the L1 pipe bound the GEMV).
+    """
+    bits = [int(v) for v in torch.tensor(_NF4, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
+    bits = [b & 0xFFFF for b in bits]
+    lo = [sum((bits[4 * r + j] & 0xFF) << (8 * j) for j in range(4)) for r in range(4)]
+    hi = [sum((bits[4 * r + j] >> 8) << (8 * j) for j in range(4)) for r in range(4)]
+    consts = "".join(f"mov.b32 L{r}, {lo[r]:#010x};\nmov.b32 H{r}, {hi[r]:#010x};\n" for r in range(4))
+
+    def four(src: str, out: int) -> str:
+        if dtype == torch.float16:
+            cvt = (f"mov.b32 {{h0, h1}}, p0;\ncvt.f32.f16 ${out}, h0;\ncvt.f32.f16 ${out + 1}, h1;\n"
+                   f"mov.b32 {{h0, h1}}, p1;\ncvt.f32.f16 ${out + 2}, h0;\ncvt.f32.f16 ${out + 3}, h1;\n")
+        else:  # bfloat16 -> float32: the 16 bits on top
+            cvt = (f"shl.b32 ${out}, p0, 16;\nand.b32 ${out + 1}, p0, 0xFFFF0000;\n"
+                   f"shl.b32 ${out + 2}, p1, 16;\nand.b32 ${out + 3}, p1, 0xFFFF0000;\n")
+        return (f"and.b32 i, {src}, 0x7777;\nshl.b32 t, {src}, 4;\nprmt.b32 m, t, {src}, 0xD9C8;\n"
+                "prmt.b32 a, L0, L1, i;\nprmt.b32 b, L2, L3, i;\nprmt.b32 c, H0, H1, i;\nprmt.b32 d, H2, H3, i;\n"
+                "lop3.b32 a, a, b, m, 0xD8;\nlop3.b32 c, c, d, m, 0xD8;\n"
+                "prmt.b32 p0, a, c, 0x5140;\nprmt.b32 p1, a, c, 0x7362;\n" + cvt)
+
+    return ("{\n.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, i, t, m, a, b, c, d, p0, p1;\n.reg .b16 h0, h1;\n"
+            + consts + four("$8", 0) + "shr.u32 s, $8, 16;\n" + four("s", 4) + "}")
+
+
+_LUT_F16 = tl.constexpr(_register_lut_asm(torch.float16))
+_LUT_BF16 = tl.constexpr(_register_lut_asm(torch.bfloat16))
+
+
 @triton.jit
 def _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, idx, mask, DQ: tl.constexpr):
     """Block absmax (float32) at flat block indices ``idx``, decoding double quantization."""
@@ -73,10 +111,12 @@ def _nf4_gemv_kernel(
     M, N, K, BS, k_per_split,
     stride_xm, stride_xk, stride_ym,
     DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, REG_LUT: tl.constexpr, IS_BF16: tl.constexpr,
 ):
     """One row of x against BLOCK_N rows of W; each step NG runs of GS elements, each run within
-    one absmax block; every load of a step is issued one step ahead.
+    one absmax block; every load of a step is issued one step ahead. ``REG_LUT``: codes from the
+    register table (NVIDIA, float16/bfloat16 x; values rounded to x's dtype as in the ``mm``
+    path), else from the float32 table in memory.
 
     The weight is read as int32 words (bytes 4j..4j+3 = elements 8j..8j+7; element 8j+i in
     bits 8*(i//2) + 4*(1 - i%2)); each nibble indexes the 16-entry float32 table.
@@ -106,10 +146,35 @@ def _nf4_gemv_kernel(
         am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
                        n_mask[:, None], DQ)
         xv_n = tl.load(x_ptrs + k_next * stride_xk)
-        w = _nf4_spread(wd, lut_ptr)
+        if REG_LUT:
+            w = _nf4_spread_reg(wd, lut_ptr, IS_BF16)
+        else:
+            w = _nf4_spread(wd, lut_ptr)
         qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
         acc += tl.sum(am * qx, axis=1)
     store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+
+
+if not INTERPRET:
+
+    @triton.jit
+    def _nf4_spread_reg(w, lut_ptr, IS_BF16: tl.constexpr):
+        """``_nf4_spread`` from the register table (values rounded to x's dtype), no loads."""
+        if IS_BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _LUT_BF16, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _LUT_F16, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        # element 8j+i is nibble (8*(i//2) + 4*(1-i%2)) / 4: elements 0..7 = nibbles 1,0,3,2,5,4,7,6
+        t = tl.join(tl.join(tl.join(o1, o5), tl.join(o3, o7)), tl.join(tl.join(o0, o4), tl.join(o2, o6)))
+        return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+
+else:  # the interpreter runs no PTX: the same values from a table in x's dtype
+
+    @triton.jit
+    def _nf4_spread_reg(w, lut_ptr, IS_BF16: tl.constexpr):
+        return _nf4_spread(w, lut_ptr).to(tl.float32)
 
 
 @triton.jit
@@ -200,10 +265,13 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
         return dense
     gs = min(bs, 128)
     gemv = []
-    for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 4, 2), (32, 4, 4), (64, 1, 8)):
-        ng = runs_per_step(k // gs, ng)
-        split = split_k_for(triton.cdiv(n, bn) * m, k // (gs * ng), device, max_split=32, per_sm=4)
-        gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split, "NG": ng}))
+    reg_luts = (1, 0) if dtype in (torch.float16, torch.bfloat16) and inline_ptx_ok(device) else (0,)
+    for reg_lut in reg_luts:
+        for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 4, 2), (32, 4, 4), (64, 1, 8)):
+            ng = runs_per_step(k // gs, ng)
+            split = split_k_for(triton.cdiv(n, bn) * m, k // (gs * ng), device, max_split=32, per_sm=4)
+            gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3,
+                            extra={"SPLIT_K": split, "NG": ng, "REG_LUT": reg_lut}))
     gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
@@ -246,10 +314,12 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
         split = _split(c.get("SPLIT_K", 1), k // bk)
         per = triton.cdiv(k // bk, split) * bk
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        reg_lut = bool(c.get("REG_LUT", 0))
         _nf4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
-            x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, torch.float32),
+            x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype if reg_lut else torch.float32),
             bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
-            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, NG=ng, **c.launch_opts(),
+            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, NG=ng,
+            REG_LUT=reg_lut, IS_BF16=x2.dtype == torch.bfloat16, **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
