@@ -395,7 +395,17 @@ if not INTERPRET:
         """A ``tl.dot`` operand as is (the interpreter's version widens bfloat16)."""
         return x
 
-else:  # Triton's interpreter cannot bitcast to bfloat16, and its bfloat16 tl.dot is wrong
+    @triton.jit
+    def affine_codes(q, z, s):
+        """``(q - z) * s`` for [R, C] codes ``q`` and per-row ``z``, ``s`` [R], in ``q``'s dtype."""
+        return (q - z.to(q.dtype)[:, None]) * s.to(q.dtype)[:, None]
+
+    @triton.jit
+    def scale_rows(w, s):
+        """``w * s`` for [R, C] ``w`` and per-row ``s`` [R], in ``w``'s dtype."""
+        return w * s.to(w.dtype)[:, None]
+
+else:  # Triton's interpreter cannot bitcast to bfloat16; its bfloat16 tl.dot and arithmetic are wrong
 
     @triton.jit
     def small_int_to_float(v, OFFSET: tl.constexpr, IS_BF16: tl.constexpr):
@@ -410,6 +420,15 @@ else:  # Triton's interpreter cannot bitcast to bfloat16, and its bfloat16 tl.do
             return x.to(tl.float32)
         else:
             return x
+
+    @triton.jit
+    def affine_codes(q, z, s):  # bfloat16 arithmetic is wrong here: float32, rounded after each op
+        d = (q.to(tl.float32) - z.to(q.dtype).to(tl.float32)[:, None]).to(q.dtype).to(tl.float32)
+        return (d * s.to(q.dtype).to(tl.float32)[:, None]).to(q.dtype)
+
+    @triton.jit
+    def scale_rows(w, s):
+        return (w.to(tl.float32) * s.to(w.dtype).to(tl.float32)[:, None]).to(w.dtype)
 
 
 def inline_ptx_ok(device: torch.device) -> bool:

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ._common import (
     Config,
+    affine_codes,
     cache_for,
     cfg,
     contiguous_rows,
@@ -198,6 +199,73 @@ def _int4_mm_kernel(
 
 
 @triton.jit
+def _int4_mmt_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, G, k_per_split,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IS_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALE_B: tl.constexpr,
+):
+    """Swap-AB tensor-core tiles: ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T``.
+
+    The weight rows fill the MMA's wide side (64 rows a warpgroup) and the few rows of a decode
+    batch its narrow side (8..256), so small ``M`` wastes no MMA rows, and the dequantized tile
+    is the register operand (Hopper's wgmma takes A from registers; only x goes through shared
+    memory). The weight is read as int32 words, staged through shared memory by Triton's
+    pipeliner (``num_stages`` deep: bytes in flight without registers held for them); nibble
+    ``i`` of word ``j`` is column ``8j + i`` and becomes the float16/bfloat16 integer ``q`` by
+    the exponent trick.
+    ``SCALE_B``: ``(q - z) * s`` rounded to x's dtype feeds one running accumulator; else the
+    integer tile's product is scaled per K step in float32 (exact ``q``; BLOCK_K within a group).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    q_ptrs = qw_ptr.to(tl.pointer_type(tl.int32)) + rows64[:, None] * stride_qn + tl.arange(0, BLOCK_K // 8)[None, :]
+    xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None] * stride_xk
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
+        xt = tl.load(xt_ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
+        g = k0 // G
+        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0)
+        else:
+            z = tl.full([BLOCK_N], 8.0, dtype=s.dtype)
+        q = _spread_codes(wd, IS_BF16)
+        if SCALE_B:
+            acc = tl.dot(mma_in(affine_codes(q, z, s)), mma_in(xt), acc)
+        else:
+            part = tl.dot(mma_in(q), mma_in(xt))
+            xs = tl.sum(xt.to(tl.float32), axis=0)
+            acc += (part - z.to(tl.float32)[:, None] * xs[None, :]) * s.to(tl.float32)[:, None]
+    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+              HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _spread_codes(w, IS_BF16: tl.constexpr):
+    """int32 words [R, C] -> the codes [R, 8C] as float16 (bfloat16) integers 0..15, natural order."""
+    t = tl.join(tl.join(tl.join(_code(w, 0, IS_BF16), _code(w, 4, IS_BF16)),
+                        tl.join(_code(w, 2, IS_BF16), _code(w, 6, IS_BF16))),
+                tl.join(tl.join(_code(w, 1, IS_BF16), _code(w, 5, IS_BF16)),
+                        tl.join(_code(w, 3, IS_BF16), _code(w, 7, IS_BF16))))
+    return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+
+
+@triton.jit
+def _code(w, I: tl.constexpr, IS_BF16: tl.constexpr):
+    return small_int_to_float(((w >> (4 * I)) & 15).to(tl.int16), 0, IS_BF16)
+
+
+@triton.jit
 def _int4_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr,
     N, K, G, stride_qn, stride_sn, stride_zn,
@@ -274,6 +342,18 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
             split = split_k_for(programs, k // bk, device)
             mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
                           extra={"SPLIT_K": split}))
+        if k % 8 == 0 and m <= 256:  # swap-AB tiles (int32 word loads)
+            if m <= 16:
+                shapes = ((64, 16, 128, 4, 4), (128, 16, 128, 8, 4), (64, 16, 128, 4, 6), (128, 16, 64, 8, 6))
+            elif m <= 64:
+                shapes = ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4), (128, 32, 128, 8, 4))
+            else:
+                shapes = ((128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4))
+            for bn, bm, bk, w, st in shapes:
+                bk = min(bk, bk_max)
+                split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
+                mm.append(cfg("mmt", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                              extra={"SPLIT_K": split}))
     dense = [cfg("dense")]
     if not (gemv or mm):
         return dense
@@ -314,16 +394,18 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
         if split > 1:
             splitk_reduce(partial, bias, y)
         return y
-    if c.path == "mm":
+    if c.path in ("mm", "mmt"):
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split = _split(c.get("SPLIT_K", 1), k // bk, bk)
         per = triton.cdiv(k // bk, split) * bk
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-        _int4_mm_kernel[grid](
+        kernel, qstride = (_int4_mm_kernel, qweight.stride(0)) if c.path == "mm" else \
+            (_int4_mmt_kernel, qweight.stride(0) // 4)
+        kernel[grid](
             x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
             m, n, k, g, per,
-            x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), zt.stride(0), y.stride(0),
+            x2.stride(0), x2.stride(1), qstride, scales.stride(0), zt.stride(0), y.stride(0),
             HAS_ZERO=has_zero, HAS_BIAS=bias is not None, PARTIAL=split > 1, IS_BF16=x2.dtype == torch.bfloat16,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64, **c.launch_opts(),
         )
@@ -346,7 +428,7 @@ def int4_matmul(x, qweight, scales, zeros, group_size: int, bias=None, *, config
 
     def cands():
         cs = candidates(m, n, k, group_size, x.dtype, x.device)
-        return cs if aligned else [c for c in cs if c.path != "gemv"] or [cfg("dense")]
+        return cs if aligned else [c for c in cs if c.path not in ("gemv", "mmt")] or [cfg("dense")]
 
     key = (m_bucket(m), n, k, group_size, x.dtype, zeros is not None, bias is not None, aligned, x.device)
     c = pick(_CACHE, key, cands, lambda c: _launch(c, x2, qweight, scales, zeros, group_size, bias, y),

@@ -33,6 +33,7 @@ from ._common import (
     pick,
     rows_2d,
     runs_per_step,
+    scale_rows,
     split_k_for,
     splitk_reduce,
     store_out,
@@ -57,9 +58,10 @@ def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _register_lut_asm(dtype: torch.dtype) -> str:
+def _register_lut_asm(dtype: torch.dtype, wide: bool = True) -> str:
     """Inline PTX: the 8 nibbles of an int32 word -> their NF4 values rounded to ``dtype``
-    (float16/bfloat16), as 8 float32 outputs in nibble order (bits 0-3 first).
+    (float16/bfloat16), as 8 outputs in nibble order (bits 0-3 first): float32 (``wide``, for
+    the GEMV's float32 math) or the 16-bit values themselves (tensor-core operands).
 
     The 16 table entries live in 8 registers as a low-byte and a high-byte plane; per 4 nibbles
     ``prmt`` looks up entries 0-7 and 8-15 of each plane (4 ``prmt``), a fifth ``prmt`` with its
@@ -74,7 +76,9 @@ def _register_lut_asm(dtype: torch.dtype) -> str:
     consts = "".join(f"mov.b32 L{r}, {lo[r]:#010x};\nmov.b32 H{r}, {hi[r]:#010x};\n" for r in range(4))
 
     def four(src: str, out: int) -> str:
-        if dtype == torch.float16:
+        if not wide:
+            cvt = f"mov.b32 {{${out}, ${out + 1}}}, p0;\nmov.b32 {{${out + 2}, ${out + 3}}}, p1;\n"
+        elif dtype == torch.float16:
             cvt = (f"mov.b32 {{h0, h1}}, p0;\ncvt.f32.f16 ${out}, h0;\ncvt.f32.f16 ${out + 1}, h1;\n"
                    f"mov.b32 {{h0, h1}}, p1;\ncvt.f32.f16 ${out + 2}, h0;\ncvt.f32.f16 ${out + 3}, h1;\n")
         else:  # bfloat16 -> float32: the 16 bits on top
@@ -91,6 +95,8 @@ def _register_lut_asm(dtype: torch.dtype) -> str:
 
 _LUT_F16 = tl.constexpr(_register_lut_asm(torch.float16))
 _LUT_BF16 = tl.constexpr(_register_lut_asm(torch.bfloat16))
+_LUT_F16_H = tl.constexpr(_register_lut_asm(torch.float16, wide=False))
+_LUT_BF16_H = tl.constexpr(_register_lut_asm(torch.bfloat16, wide=False))
 
 
 @triton.jit
@@ -170,11 +176,27 @@ if not INTERPRET:
         t = tl.join(tl.join(tl.join(o1, o5), tl.join(o3, o7)), tl.join(tl.join(o0, o4), tl.join(o2, o6)))
         return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
 
+    @triton.jit
+    def _nf4_codes_reg(w, lut_ptr, IS_BF16: tl.constexpr):
+        """``_nf4_spread`` from the register table, as float16/bfloat16 (``lut_ptr``'s dtype)."""
+        if IS_BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _LUT_BF16_H, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _LUT_F16_H, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        t = tl.join(tl.join(tl.join(o1, o5), tl.join(o3, o7)), tl.join(tl.join(o0, o4), tl.join(o2, o6)))
+        return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+
 else:  # the interpreter runs no PTX: the same values from a table in x's dtype
 
     @triton.jit
     def _nf4_spread_reg(w, lut_ptr, IS_BF16: tl.constexpr):
         return _nf4_spread(w, lut_ptr).to(tl.float32)
+
+    @triton.jit
+    def _nf4_codes_reg(w, lut_ptr, IS_BF16: tl.constexpr):
+        return _nf4_spread(w, lut_ptr)
 
 
 @triton.jit
@@ -222,6 +244,47 @@ def _nf4_mm_kernel(
         acc += part * am[None, :]
     store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS,
               PARTIAL)
+
+
+@triton.jit
+def _nf4_mmt_kernel(
+    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, BS, k_per_split,
+    stride_xm, stride_xk, stride_ym,
+    DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IS_BF16: tl.constexpr,
+    REG_LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SCALE_B: tl.constexpr,
+):
+    """Swap-AB tensor-core tiles, ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` (as int4's
+    ``_int4_mmt_kernel``): int32 words staged by the pipeliner, codes from the register table
+    (``REG_LUT``; else the table in memory, in x's dtype), absmax per K step (BLOCK_K <= BS):
+    folded into the tile (``SCALE_B``) or applied to each step's float32 product."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    q_ptrs = qw_ptr.to(tl.pointer_type(tl.int32)) + rows64[:, None] * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
+    xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None] * stride_xk
+    blocks_per_row = K // BS
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
+        xt = tl.load(xt_ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
+        am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
+        if REG_LUT:
+            w = _nf4_codes_reg(wd, lut_ptr, IS_BF16)
+        else:
+            w = _nf4_spread(wd, lut_ptr)
+        if SCALE_B:
+            acc = tl.dot(mma_in(scale_rows(w, am)), mma_in(xt), acc)
+        else:
+            acc += tl.dot(mma_in(w), mma_in(xt)) * am[:, None]
+    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+              HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -286,6 +349,19 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
             split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
             mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
                           extra={"SPLIT_K": split}))
+        if m <= 256 and k % 8 == 0:  # swap-AB tiles (int32 word loads)
+            if m <= 16:
+                shapes = ((64, 16, 64, 4, 4), (128, 16, 64, 8, 4), (64, 16, 64, 4, 6), (128, 16, 64, 8, 6))
+            elif m <= 64:
+                shapes = ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4), (128, 32, 64, 8, 4))
+            else:
+                shapes = ((128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4))
+            reg_lut = int(inline_ptx_ok(device))
+            for bn, bm, bk, w, st in shapes:
+                bk = min(bk, bs)
+                split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
+                mm.append(cfg("mmt", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                              extra={"SPLIT_K": split, "REG_LUT": reg_lut}))
     if m > (16 if dtype == torch.float32 else 8):
         gemv = []
     if m <= 4 or not mm:
@@ -326,12 +402,17 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
         split = _split(c.get("SPLIT_K", 1), k // bk)
         per = triton.cdiv(k // bk, split) * bk
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-        _nf4_mm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
-            x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype),
-            bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
-            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **c.launch_opts(),
-        )
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        common = (x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype),
+                  bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0))
+        if c.path == "mm":
+            _nf4_mm_kernel[grid](*common, DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **c.launch_opts())
+        else:
+            _nf4_mmt_kernel[grid](*common, DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+                                  IS_BF16=x2.dtype == torch.bfloat16, REG_LUT=bool(c.get("REG_LUT", 0)),
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64,
+                                  **c.launch_opts())
     if split > 1:
         splitk_reduce(partial, bias, y)
     return y
@@ -351,7 +432,7 @@ def nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blo
 
     def cands():
         cs = candidates(m, n, k, blocksize, x.dtype, x.device)
-        return cs if aligned else [c for c in cs if c.path != "gemv"] or [cfg("dense")]
+        return cs if aligned else [c for c in cs if c.path not in ("gemv", "mmt")] or [cfg("dense")]
 
     key = (m_bucket(m), n, k, blocksize, x.dtype, absmax_scale is not None, bias is not None, aligned, x.device)
     run = lambda c: _launch(c, x2, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, n, bias, y)

@@ -118,6 +118,30 @@ def test_nf4_paths(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["int4", "nf4"])
+def test_swap_ab_tiles_every_candidate(device, dtype, op):
+    """Every swap-AB (``mmt``) candidate the tuner may pick, split-K or not (the interpreter runs
+    one of each tile family: the small-M exact-product tiles and the folded-scale tiles)."""
+    kern = _kernels(op)
+    for m, k, n, g in _scale(device, ((3, 256, 40, 64), (70, 256, 72, 64)),
+                             ((1, 2048, 1000, 128), (16, 1024, 777, 64), (37, 2048, 520, 128), (200, 1024, 384, 64))):
+        flag = m % 2 == 0
+        if op == "int4":
+            args = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=flag), device)
+            ref = reference.int4_matmul(*args)
+            run = lambda c: kern.int4_matmul(*args, config=c)
+        else:
+            args = to_device(nf4_args(m, k, n, dtype, blocksize=g, double_quant=flag), device)
+            ref = reference.nf4_matmul(*args)
+            run = lambda c: kern.nf4_matmul(*args, config=c)
+        cands = [c for c in kern.candidates(m, n, k, g, dtype, torch.device(device)) if c.path == "mmt"]
+        assert cands, (op, m, k, n, g)
+        for c in cands[:1] if device == "cpu" else cands:
+            _check(run(c), ref, dtype, f"{op} {c} {(m, k, n, g)}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["int4", "nf4"])
 def test_gemv_runs_per_step(device, dtype, op):
