@@ -269,27 +269,43 @@ def _code(w, I: tl.constexpr, IS_BF16: tl.constexpr):
 def _int4_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr,
     N, K, G, stride_qn, stride_sn, stride_zn,
-    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, G_POW2: tl.constexpr,
+    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, GL: tl.constexpr,
 ):
+    """Dense ``w [N, K]`` from a [BLOCK_N, BLOCK_H]-byte tile. ``GL > 0`` (power-of-two groups):
+    the tile's bytes are runs of GL bytes within one group each, so scales and zeros are loaded
+    once per run and broadcast (a load per weight would make the LSU, not DRAM, the limit);
+    ``GL == 0``: one scale/zero load per byte (any group size)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h0 = tl.program_id(1) * BLOCK_H
+    offs_h = h0 + tl.arange(0, BLOCK_H)
     rows64 = offs_n.to(tl.int64)
-    mask = (offs_n < N)[:, None] & (offs_h < K // 2)[None, :]
+    n_ok = offs_n < N
+    mask = n_ok[:, None] & (offs_h < K // 2)[None, :]
     b = tl.load(qw_ptr + rows64[:, None] * stride_qn + offs_h[None, :], mask=mask, other=0).to(tl.int32)
-    if G_POW2 > 0:  # a shift, and Triton sees the run of equal scale indices
-        g = (2 * offs_h) // G_POW2
+    if GL > 0:
+        R: tl.constexpr = BLOCK_H // GL
+        g = (h0 + GL * tl.arange(0, R)) // (G // 2)
+        rmask = n_ok[:, None] & (2 * GL * tl.arange(0, R) + 2 * h0 < K)[None, :]
+        s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=rmask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=rmask, other=0.0).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N, R], 8.0, dtype=tl.float32)
+        b3 = tl.reshape(b, [BLOCK_N, R, GL])
+        lo = tl.reshape(((b3 & 15).to(tl.float32) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_H])
+        hi = tl.reshape(((b3 >> 4).to(tl.float32) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_H])
     else:
         g = (2 * offs_h) // G
-    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
-        z = 8.0
-    lo = ((b & 15).to(tl.float32) - z) * s
-    hi = ((b >> 4).to(tl.float32) - z) * s
+        s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = 8.0
+        lo = ((b & 15).to(tl.float32) - z) * s
+        hi = ((b >> 4).to(tl.float32) - z) * s
     w = tl.interleave(lo, hi)
-    offs_k = tl.program_id(1) * (2 * BLOCK_H) + tl.arange(0, 2 * BLOCK_H)
-    wmask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    offs_k = 2 * h0 + tl.arange(0, 2 * BLOCK_H)
+    wmask = n_ok[:, None] & (offs_k < K)[None, :]
     tl.store(w_ptr + rows64[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=wmask)
 
 
@@ -299,12 +315,13 @@ def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> t
     zeros = contiguous_rows(zeros) if zeros is not None else None
     n, k = qweight.shape[0], qweight.shape[1] * 2
     w = torch.empty((n, k), dtype=dtype, device=qweight.device)
-    bn, bh = 32, 256
-    g_pow2 = group_size if group_size & (group_size - 1) == 0 else 0
+    bn, bh = 16, 256
+    pow2 = group_size & (group_size - 1) == 0
+    gl = min(group_size // 2, bh) if pow2 else 0
     _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // 2, bh))](
         qweight, scales, zeros if zeros is not None else scales, w,
         n, k, group_size, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
-        HAS_ZERO=zeros is not None, BLOCK_N=bn, BLOCK_H=bh, G_POW2=g_pow2, num_warps=8,
+        HAS_ZERO=zeros is not None, BLOCK_N=bn, BLOCK_H=bh, GL=gl, num_warps=4,
     )
     return w
 

@@ -290,17 +290,19 @@ def _nf4_mmt_kernel(
 @triton.jit
 def _nf4_dequant_kernel(
     qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, w_ptr, NUMEL, BS,
-    DQ: tl.constexpr, BLOCK: tl.constexpr,
+    DQ: tl.constexpr, BLOCK: tl.constexpr, GL: tl.constexpr,
 ):
-    """Flat decode of ``BLOCK`` bytes (2*BLOCK elements) per program: any shape and blocksize."""
-    offs_b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """Flat decode of ``BLOCK`` bytes (2*BLOCK elements) per program, any shape: runs of ``GL``
+    bytes that each lie in one absmax block, so the absmax (and its double-quant decode) is
+    loaded once per run and broadcast instead of once per element."""
+    R: tl.constexpr = BLOCK // GL
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs_b = start + tl.arange(0, R)[:, None] * GL + tl.arange(0, GL)[None, :]
     b = tl.load(qw_ptr + offs_b, mask=2 * offs_b < NUMEL, other=0).to(tl.int32)
-    e = 2 * offs_b
-    hi = tl.load(lut_ptr + (b >> 4)) * _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, e // BS, e < NUMEL, DQ)
-    lo = tl.load(lut_ptr + (b & 15)) * _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, (e + 1) // BS,
-                                                 e + 1 < NUMEL, DQ)
-    w = tl.interleave(hi, lo)
-    offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    e_run = 2 * (start + tl.arange(0, R) * GL)
+    am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, e_run // BS, e_run < NUMEL, DQ)
+    w = tl.interleave(tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))) * am[:, None]  # [R, 2GL]
+    offs = 2 * start + tl.arange(0, R)[:, None] * (2 * GL) + tl.arange(0, 2 * GL)[None, :]
     tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=offs < NUMEL)
 
 
@@ -317,7 +319,7 @@ def dequantize(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocks
     block = 512
     _nf4_dequant_kernel[(triton.cdiv(qweight.numel(), block),)](
         qweight, am, am_s, am_c, float(absmax_offset), code_table(qweight.device, torch.float32), w, n * k, blocksize,
-        DQ=dq, BLOCK=block, num_warps=4,
+        DQ=dq, BLOCK=block, GL=min(blocksize // 2, block), num_warps=4,
     )
     return w
 
