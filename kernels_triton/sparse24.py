@@ -7,6 +7,11 @@ column ``4 * (2t + s // 2) + ((meta[t] >> 2s) & 3)``.
 
 * ``gemv``: per value, its column index from the meta bits and one gathered x (x is tiny and
   cached): the weight stream is values + meta, 0.56 of the dense bytes for 16-bit values.
+* ``gemv2`` (K % 32 == 0, meta rows 4-byte aligned): no gathers - x read densely and each
+  value's x picked by its index bits with selects; meta as int32 words; every load a step
+  ahead; small row blocks instead of split-K (one launch on the target shapes).
+* ``mm2`` (M <= 32): swap-AB tensor-core tiles ``W_tile @ x.T`` (the weight rows fill the
+  MMA's M side: wgmma with 64-row tiles), loads a step ahead, rows clamped instead of masked.
 * ``mm``: the tile is expanded to dense in registers (two compares and selects per dense
   element) and multiplied on the tensor cores.
 * ``dense``: decompress, then cuBLAS (large M, where the tensor-core work dominates).
@@ -215,6 +220,76 @@ def _s24_mm_kernel(
 
 
 @triton.jit
+def _s24_mm2_kernel(
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-M tensor-core tiles, swap-AB: ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T``, so the
+    expanded weight fills the MMA's M side and a tiny M only pads the N side (16). Every
+    step's loads (values, meta, x) are issued a step ahead; rows past N and M are clamped
+    (read, never stored), so whole steps load without masks."""
+    G: tl.constexpr = BLOCK_K // 4
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    rows64 = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_K // 2)
+    offs_t = tl.arange(0, BLOCK_K // 8)
+    x_ptrs = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    v_ptrs = v_ptr + rows64[:, None] * stride_vn + offs_v[None, :]
+    m_ptrs = meta_ptr + rows64[:, None] * stride_mn + offs_t[None, :]
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    xt_n, vals_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_v, offs_t, k_lo, k_hi, stride_xk,
+                                        EVEN_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        xt, vals, mb = xt_n, vals_n, mb_n
+        if EVEN_K:  # the last step re-reads itself
+            k_next = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
+        else:
+            k_next = k0 + BLOCK_K
+        xt_n, vals_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_v, offs_t, k_next, k_hi,
+                                            stride_xk, EVEN_K)
+        vals = vals.to(xt.dtype)
+        v0, v1 = tl.split(tl.reshape(vals, [BLOCK_N, G, 2]))  # per group: value at i0, at i1
+        nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, G])  # group 2t low nibble, 2t+1 high
+        lo = nib & 3  # i0
+        hi = nib & 12  # 4 * i1
+        zero = tl.zeros_like(v0)
+        w0 = tl.where(lo == 0, v0, zero)
+        w1 = tl.where(lo == 1, v0, tl.where(hi == 4, v1, zero))
+        w2 = tl.where(lo == 2, v0, tl.where(hi == 8, v1, zero))
+        w3 = tl.where(hi == 12, v1, zero)
+        dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
+        acc = tl.dot(mma_in(dense), mma_in(tl.trans(xt)), acc)
+    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+              HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_v, offs_t, k0, k_hi, stride_xk, EVEN_K: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K], values [BLOCK_N, BLOCK_K/2], meta bytes (int32) at column k0."""
+    if EVEN_K:
+        xt = tl.load(x_ptrs + k0 * stride_xk)
+        vals = tl.load(v_ptrs + k0 // 2)
+        mb = tl.load(m_ptrs + k0 // 8).to(tl.int32)
+    else:
+        xt = tl.load(x_ptrs + k0 * stride_xk, mask=(k0 + offs_k < k_hi)[None, :], other=0.0)
+        vals = tl.load(v_ptrs + k0 // 2, mask=(k0 + 2 * offs_v < k_hi)[None, :], other=0.0)
+        mb = tl.load(m_ptrs + k0 // 8, mask=(k0 + 8 * offs_t < k_hi)[None, :], other=0).to(tl.int32)
+    return xt, vals, mb
+
+
+@triton.jit
 def _s24_dense_kernel(v_ptr, meta_ptr, w_ptr, N, K, stride_vn, stride_mn, BLOCK_N: tl.constexpr,
                       BLOCK_G: tl.constexpr):
     """Dense ``[N, K]`` from values/meta: BLOCK_G groups of four columns per program and row block."""
@@ -265,6 +340,13 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
     gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
+        if m <= 32:  # mm2 (swap-AB, loads a step ahead): weight rows on the MMA's M side
+            for bm, bn, bk, w in ((16, 64, 128, 4), (16, 32, 256, 4), (16, 128, 128, 8), (32, 64, 128, 4)):
+                if bm >= m or bm == 16:
+                    split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), device,
+                                        max_split=8, per_sm=2)
+                    mm.append(cfg("mm2", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1,
+                                  extra={"SPLIT_K": split}))
         if m <= 16:
             shapes = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3))
         elif m <= 64:
@@ -317,6 +399,16 @@ def _launch(c: Config, x2, values, meta, bias, y):
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             **c.launch_opts(),
+        )
+    elif c.path == "mm2":
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        _s24_mm2_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
+            x2, values, meta, bvec, y, partial, m, n, k, per,
+            x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]

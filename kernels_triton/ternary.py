@@ -11,6 +11,9 @@ output row ranges ``r0 + i*R`` at once, reading every byte once.
   with two integer operations (field OR-ed into the mantissa of 1.0), so one FMA per weight
   accumulates ``sum (1 + c/4) x_q``; ``sum (c - 1) x_q = 4 F - 5 X`` with ``X = sum x_q``,
   exact in float32 (multiples of 1/4 below 2^22 for any realistic K).
+* ``gemv2`` (NVIDIA, dp4a): one launch - absmax pass fused (the first weight step requested
+  before it), loads a step ahead, x read contiguously and packed in registers, dp4a chains
+  per 16-byte load; small row blocks (BLOCK_R = 4) fill the GPU without split-K.
 * ``mm``: ``x_q`` (int8) and ``x_scale`` from a small row-quantization kernel, then int8
   tensor-core tiles (``tl.dot`` int8 x int8 -> int32, exact), four accumulators per tile.
 """

@@ -243,6 +243,28 @@ def test_sparse24_gemv2_configs(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse24_mm2_configs(device, dtype):
+    """Every swap-AB tile (mm2) candidate explicitly, plus K tails, split-K, M and N tails."""
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels("sparse24")
+    m, k, n = (16, 2048, 1000) if device != "cpu" else (16, 256, 70)
+    args = to_device(sparse24_args(m, k, n, dtype), device)
+    ref = reference.sparse24_matmul(*args)
+    cands = [c for c in kern.candidates(m, n, k, dtype, torch.device(device)) if c.path == "mm2"]
+    assert len(cands) == 4
+    for c in cands:
+        _check(kern.sparse24_matmul(*args, config=c), ref, dtype, f"sparse24 {c} {(m, k, n)}")
+    for m, k, n, bm, bn, bk, split in ((5, 136, 33, 16, 32, 64, 1), (20, 1056, 50, 32, 64, 128, 3),
+                                       (1, 384, 70, 16, 64, 128, 2)):
+        args = to_device(sparse24_args(m, k, n, dtype), device)
+        c = cfg("mm2", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1, extra={"SPLIT_K": split})
+        _check(kern.sparse24_matmul(*args, config=c), reference.sparse24_matmul(*args), dtype,
+               f"sparse24 {c} {(m, k, n)}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sparse24_float32_values_with_16bit_activations(device):
     kern = _kernels("sparse24")
     x, values, meta, b = to_device(sparse24_args(4, 128, 24, torch.float32), device)
