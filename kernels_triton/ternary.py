@@ -11,6 +11,9 @@ output row ranges ``r0 + i*R`` at once, reading every byte once.
   with two integer operations (field OR-ed into the mantissa of 1.0), so one FMA per weight
   accumulates ``sum (1 + c/4) x_q``; ``sum (c - 1) x_q = 4 F - 5 X`` with ``X = sum x_q``,
   exact in float32 (multiples of 1/4 below 2^22 for any realistic K).
+* ``gemv2`` (NVIDIA, dp4a): one launch - absmax pass fused (the first weight step requested
+  before it), loads a step ahead, x read contiguously and packed in registers, dp4a chains
+  per 16-byte load; small row blocks (BLOCK_R = 4) fill the GPU without split-K.
 * ``mm``: ``x_q`` (int8) and ``x_scale`` from a small row-quantization kernel, then int8
   tensor-core tiles (``tl.dot`` int8 x int8 -> int32, exact), four accumulators per tile.
 """
@@ -159,6 +162,111 @@ def _ternary_gemv_kernel(
                    stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
     _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
                    stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _ternary_gemv2_kernel(
+    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, R, K, k_per_split, zero,
+    stride_xm, stride_xk, stride_qr, stride_ym,
+    PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, XBLOCK: tl.constexpr,
+):
+    """The ``dp4a`` GEMV, latency-lean (one launch, no split-K at M=1 on the target shapes).
+
+    * The first step's weight words are requested before the row's absmax pass, so the DRAM
+      latency of the weight stream and the x pass (``XBLOCK`` elements a load, all of a
+      chunk's loads in flight at once) overlap.
+    * Every step's loads (weight words and x) are issued one step ahead.
+    * x is read contiguously ([BLOCK_K/4, 4] per step, one vector load per thread) and packed
+      into int8x4 words in registers (the first version gathered 4 strided columns).
+    """
+    pid_r = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    x_row = x_ptr + m * stride_xm
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    offs_kw = tl.arange(0, BLOCK_K // 4)
+    offs_x = tl.arange(0, BLOCK_K)
+    qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
+    # rows past R read row R - 1 (their results are not stored): no row mask on the loads
+    q_ptrs = qw_ptr + tl.minimum(offs_r, R - 1).to(tl.int64)[:, None] * stride_qr + offs_kw[None, :]
+    x_ptrs = x_row + offs_x * stride_xk
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_lo, k_hi, stride_xk, EVEN_K)
+    # the row's absmax (every program reads the whole row: x is small and L2-resident)
+    offs_a = tl.arange(0, XBLOCK)
+    amax = tl.zeros([XBLOCK], dtype=tl.float32)
+    for a0 in range(0, K, XBLOCK):
+        v = tl.load(x_row + (a0 + offs_a) * stride_xk, mask=a0 + offs_a < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    d = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    xs = tl.math.div_rn(d * 0.0 + 127.0, d)
+    xq_sum = tl.zeros([1], dtype=tl.int32)
+    # one accumulator per 4 consecutive words (a thread's 16-byte load): dp4a chains, 4x fewer
+    # accumulator registers than one per word
+    a0_ = tl.zeros([BLOCK_R, BLOCK_K // 16], dtype=tl.int32)
+    a1_ = tl.zeros([BLOCK_R, BLOCK_K // 16], dtype=tl.int32)
+    a2_ = tl.zeros([BLOCK_R, BLOCK_K // 16], dtype=tl.int32)
+    a3_ = tl.zeros([BLOCK_R, BLOCK_K // 16], dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        wd, xv = wd_n, xv_n
+        if EVEN_K:  # the last step re-reads itself: no masks at all
+            k_next = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
+        else:
+            k_next = k0 + BLOCK_K
+        wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_next, k_hi, stride_xk, EVEN_K)
+        q = _quant(xv.to(tl.float32), xs, zero).to(tl.int32)  # [BLOCK_K], 0 past k_hi
+        xq_sum += tl.sum(q[None, :], axis=1)
+        sh = 8 * (tl.arange(0, 4))
+        xw = tl.sum((q & 0xFF).reshape([BLOCK_K // 4, 4]) << sh[None, :], axis=1)  # 4 bytes, no carries
+        xa, xb = tl.split(tl.reshape(xw, [BLOCK_K // 16, 2, 2]))
+        x0, x1 = tl.split(xa)
+        x2, x3 = tl.split(xb)
+        wa, wb = tl.split(tl.reshape(wd, [BLOCK_R, BLOCK_K // 16, 2, 2]))
+        w0, w1 = tl.split(wa)
+        w2, w3 = tl.split(wb)
+        a0_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 0, a0_)
+        a1_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 2, a1_)
+        a2_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 4, a2_)
+        a3_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 6, a3_)
+    xsum = xq_sum.to(tl.float32)
+    f0 = tl.sum(a0_, axis=1).to(tl.float32) - xsum
+    f1 = tl.sum(a1_, axis=1).to(tl.float32) - xsum
+    f2 = tl.sum(a2_, axis=1).to(tl.float32) - xsum
+    f3 = tl.sum(a3_, axis=1).to(tl.float32) - xsum
+    _ternary_store(f0, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f1, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f2, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _dp4a4(w0, w1, w2, w3, x0, x1, x2, x3, SHIFT: tl.constexpr, acc):
+    """``acc`` plus the dp4a of sub-row SHIFT/2's codes of four weight words with four x words."""
+    acc = _dp4a((w0 >> SHIFT) & 0x03030303, x0, acc)
+    acc = _dp4a((w1 >> SHIFT) & 0x03030303, x1, acc)
+    acc = _dp4a((w2 >> SHIFT) & 0x03030303, x2, acc)
+    return _dp4a((w3 >> SHIFT) & 0x03030303, x3, acc)
+
+
+@triton.jit
+def _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k0, k_hi, stride_xk, EVEN_K: tl.constexpr):
+    """One step's weight words [BLOCK_R, BLOCK_K/4] and x [BLOCK_K] at column k0 (with a K tail,
+    nothing at or past k_hi is read: masked words are 0 and masked x is 0, adding nothing)."""
+    if EVEN_K:  # k0 is always a whole step inside the range and rows are clamped: no masks
+        wd = tl.load(q_ptrs + k0 // 4)
+        xv = tl.load(x_ptrs + k0 * stride_xk)
+    else:
+        wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
+        xv = tl.load(x_ptrs + k0 * stride_xk, mask=k0 + offs_x < k_hi, other=0.0)
+    return wd, xv
 
 
 @triton.jit
@@ -312,6 +420,13 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     r = triton.cdiv(n, 4)
     gemv = []
+    if k % 4 == 0 and inline_ptx_ok(device):
+        # gemv2: small row blocks so that the target shapes fill the GPU without split-K (one
+        # launch); the split twins only where the row blocks alone leave SMs idle
+        for br, bk, w in ((4, 2048, 4), (8, 1024, 4), (4, 1024, 2), (16, 512, 4)):
+            split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=8, per_sm=1)
+            gemv.append(cfg("gemv2", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split}))
+        gemv = with_unsplit(gemv, count=1)
     if k % 4 == 0:
         for dp4a in ((1, 0) if inline_ptx_ok(device) else (0,)):
             for br, bk, w in ((16, 512, 4), (8, 1024, 4), (32, 512, 8), (16, 1024, 8), (4, 1024, 2)):
@@ -347,7 +462,18 @@ def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
     r = qweight.shape[0]
     per_row = weight_scale.shape[0] == n and n > 1
     bvec = bias if bias is not None else weight_scale
-    if c.path == "gemv":
+    if c.path == "gemv2":
+        br, bk, w = c["BLOCK_R"], c["BLOCK_K"], c.num_warps
+        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        xblock = min(2048 * w, triton.next_power_of_2(k))
+        _ternary_gemv2_kernel[(triton.cdiv(r, br), m, split)](
+            x2, qweight, weight_scale, bvec, y, partial,
+            m, n, r, k, per, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
+            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            BLOCK_R=br, BLOCK_K=bk, XBLOCK=xblock, **c.launch_opts(),
+        )
+    elif c.path == "gemv":
         br, bk = c["BLOCK_R"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
@@ -383,7 +509,7 @@ def ternary_matmul(x, qweight, weight_scale, out_features: int, bias=None, *, co
 
     def cands():
         cs = candidates(m, n, k, x.device)
-        return cs if aligned else [c for c in cs if c.path != "gemv"] or candidates(2, n, k, x.device)
+        return cs if aligned else [c for c in cs if c.path not in ("gemv", "gemv2")] or candidates(2, n, k, x.device)
 
     key = (m_bucket(m), n, k, x.dtype, weight_scale.shape[0] > 1, bias is not None, aligned, x.device)
     run = lambda c: _launch(c, x2, qweight, weight_scale, n, bias, y)

@@ -197,6 +197,32 @@ def test_ternary_gemv_dp4a_and_float_loops(device, dp4a):
                f"ternary gemv dp4a={dp4a} {(m, k, n)}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ternary_gemv2_configs(device, dtype):
+    """Every gemv2 candidate configuration (explicitly), plus K tails, split-K and row tails."""
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels("ternary")
+    dev = torch.device(device)
+    big = (1, 4096, 1000, False) if device != "cpu" else (1, 2048, 40, False)
+    for m, k, n, per_row in (big, (2, 1028, 70, True)):
+        args = to_device(ternary_args(m, k, n, dtype, per_row=per_row), device)
+        ref = reference.ternary_matmul(*args)
+        cands = [c for c in kern.candidates(m, n, k, dev) if c.path == "gemv2"]
+        assert cands
+        if device == "cpu" and k > 1100:
+            cands = cands[:1]  # the interpreter is slow: the others run at the small K
+        for c in cands:
+            _check(kern.ternary_matmul(*args, config=c), ref, dtype, f"ternary {c} {(m, k, n)}")
+    for m, k, n, br, bk, w, split in ((1, 256, 40, 4, 64, 2, 1), (3, 384, 26, 8, 128, 4, 2),
+                                      (1, 1028, 50, 4, 512, 2, 3), (2, 100, 7, 4, 32, 2, 1)):
+        args = to_device(ternary_args(m, k, n, dtype, per_row=True), device)
+        c = cfg("gemv2", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split})
+        _check(kern.ternary_matmul(*args, config=c), reference.ternary_matmul(*args), dtype,
+               f"ternary {c} {(m, k, n)}")
+
+
 SPARSE_SHAPES = [(1, 256, 40), (3, 384, 26), (5, 136, 33), (17, 256, 64)]
 SPARSE_SHAPES_GPU = [(1, 4096, 1000), (3, 2056, 522), (16, 1024, 777), (300, 1024, 384)]
 
@@ -210,6 +236,56 @@ def test_sparse24_paths(device, dtype):
         ref = reference.sparse24_matmul(*args)
         for path in _paths(kern.candidates(m, n, k, dtype, torch.device(device))):
             _check(kern.sparse24_matmul(*args, config=path), ref, dtype, f"sparse24 {path} {(m, k, n)}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse24_gemv2_configs(device, dtype):
+    """Every gemv2 candidate configuration (explicitly), plus K tails, split-K and row tails;
+    meta that cannot be read as int32 words (K % 32 != 0) falls back to the gather GEMV."""
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels("sparse24")
+    dev = torch.device(device)
+    big = (1, 4096, 1000) if device != "cpu" else (1, 2048, 40)
+    for m, k, n in (big, (2, 1056, 70)):
+        args = to_device(sparse24_args(m, k, n, dtype), device)
+        ref = reference.sparse24_matmul(*args)
+        cands = [c for c in kern.candidates(m, n, k, dtype, dev) if c.path == "gemv2"]
+        assert cands
+        if device == "cpu" and k > 1100:
+            cands = cands[:1]
+        for c in cands:
+            _check(kern.sparse24_matmul(*args, config=c), ref, dtype, f"sparse24 {c} {(m, k, n)}")
+    for m, k, n, bn, bk, w, split in ((1, 256, 40, 16, 128, 2, 1), (3, 384, 26, 16, 128, 4, 2),
+                                      (1, 1056, 50, 8, 512, 2, 3), (2, 96, 7, 8, 64, 2, 1)):
+        args = to_device(sparse24_args(m, k, n, dtype), device)
+        c = cfg("gemv2", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split})
+        _check(kern.sparse24_matmul(*args, config=c), reference.sparse24_matmul(*args), dtype,
+               f"sparse24 {c} {(m, k, n)}")
+    assert all(c.path != "gemv2" for c in kern.candidates(1, 40, 136, dtype, dev))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse24_mm2_configs(device, dtype):
+    """Every swap-AB tile (mm2) candidate explicitly, plus K tails, split-K, M and N tails."""
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels("sparse24")
+    m, k, n = (16, 2048, 1000) if device != "cpu" else (16, 256, 70)
+    args = to_device(sparse24_args(m, k, n, dtype), device)
+    ref = reference.sparse24_matmul(*args)
+    cands = [c for c in kern.candidates(m, n, k, dtype, torch.device(device)) if c.path == "mm2"]
+    assert len(cands) == 4
+    for c in cands:
+        _check(kern.sparse24_matmul(*args, config=c), ref, dtype, f"sparse24 {c} {(m, k, n)}")
+    for m, k, n, bm, bn, bk, split in ((5, 136, 33, 16, 32, 64, 1), (20, 1056, 50, 32, 64, 128, 3),
+                                       (1, 384, 70, 16, 64, 128, 2)):
+        args = to_device(sparse24_args(m, k, n, dtype), device)
+        c = cfg("mm2", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1, extra={"SPLIT_K": split})
+        _check(kern.sparse24_matmul(*args, config=c), reference.sparse24_matmul(*args), dtype,
+               f"sparse24 {c} {(m, k, n)}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
