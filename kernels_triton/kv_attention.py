@@ -22,10 +22,64 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, Config, cache_for, cfg, mma_in, num_sms, pick
+from ._common import INTERPRET, Config, cache_for, cfg, inline_ptx_ok, mma_in, num_sms, pick
 
 _CACHE = cache_for("kv_attention")
 _LOG2E = 1.4426950408889634
+
+
+# PTX (sm_80+), 4 elements per call. int8 -> float16 exactly: x ^ 0x80 is the unsigned x + 128;
+# prmt puts each byte under a 0x64 high byte (the float16 1024 + x + 128), one sub.f16x2 per pair.
+# Inputs are read first (outputs may share their registers).
+_ASM_I8 = tl.constexpr("""
+{
+.reg .b32 u, k, m;
+xor.b32 u, $2, 0x80808080;
+mov.b32 k, 0x64646464;
+mov.b32 m, 0x64806480;
+prmt.b32 $0, u, k, 0x5140;
+prmt.b32 $1, u, k, 0x7372;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}
+""")
+
+# 4 packed int4 bytes -> 4 low-nibble and 4 high-nibble float16 values (code - zero) * scale.
+# prmt spreads bytes 0,1 (2,3) into the two halves of a word; lop3 (a & mask) | 0x6400 makes the
+# float16 1024 + c (low nibble) or 1024 + 16c (high); adding -(1024 + z), or fma by 1/16 with
+# -(64 + z), is exact (c - z), and one mul.f16x2 rounds the product once (as float32 then a cast
+# would). $5,$6 = -(1024 + z), $7,$8 = -(64 + z), $9,$10 = scale (pairs of float16).
+_ASM_U4 = tl.constexpr("""
+{
+.reg .b32 w, nl0, nl1, nh0, nh1, s0, s1, z, ml, mh, mg, c16, t0, t1, a0, a1, a2, a3;
+mov.b32 w, $4;
+mov.b32 nl0, $5;
+mov.b32 nl1, $6;
+mov.b32 nh0, $7;
+mov.b32 nh1, $8;
+mov.b32 s0, $9;
+mov.b32 s1, $10;
+mov.b32 z, 0;
+mov.b32 ml, 0x000F000F;
+mov.b32 mh, 0x00F000F0;
+mov.b32 mg, 0x64006400;
+mov.b32 c16, 0x2C002C00;
+prmt.b32 t0, w, z, 0x4140;
+prmt.b32 t1, w, z, 0x4342;
+lop3.b32 a0, t0, ml, mg, 0xea;
+lop3.b32 a1, t1, ml, mg, 0xea;
+lop3.b32 a2, t0, mh, mg, 0xea;
+lop3.b32 a3, t1, mh, mg, 0xea;
+add.f16x2 a0, a0, nl0;
+add.f16x2 a1, a1, nl1;
+fma.rn.f16x2 a2, a2, c16, nh0;
+fma.rn.f16x2 a3, a3, c16, nh1;
+mul.f16x2 $0, a0, s0;
+mul.f16x2 $1, a1, s1;
+mul.f16x2 $2, a2, s0;
+mul.f16x2 $3, a3, s1;
+}
+""")
 
 
 if not INTERPRET:
@@ -46,20 +100,92 @@ else:  # the interpreter converts ints to bfloat16 wrongly; go through float32
 
 
 @triton.jit
-def _int4_tile(d_ptr, sc_ptr, z_ptr, offs_s, s_mask, sd_s, ssc_s, sz_s,
-               GP: tl.constexpr, NG, DT: tl.constexpr):
-    """[BS, GP*32] dequantized int4 rows (groups >= NG masked to 0): (q - zero) * scale."""
+def _i8_tile(raw, DT: tl.constexpr, ASM: tl.constexpr):
+    """int8 codes -> DT, exactly (4 per PTX call: 1.25 instructions a code)."""
+    if ASM and DT == tl.float16:
+        return tl.inline_asm_elementwise(_ASM_I8, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return _int8_to(raw, DT)
+
+
+@triton.jit
+def _u4_tile(raw, sc, z, DT: tl.constexpr, ASM: tl.constexpr):
+    """Packed bytes ``[BS, GP, 16]`` and their group's scale/zero ``[BS, GP]`` -> ``(lo, hi)``
+    ``[BS, GP*16]`` in DT: ``(code - zero) * scale`` of the low nibbles (elements ``2j``) and of
+    the high ones (``2j + 1``). No interleave: the caller splits q and the output the same way."""
+    BS: tl.constexpr = raw.shape[0]
+    W: tl.constexpr = raw.shape[1] * raw.shape[2]
+    zf = z.to(tl.float32)
+    if ASM and DT == tl.float16 and sc.dtype == tl.float16:
+        nzlo = (-1024.0 - zf).to(tl.float16)[:, :, None]
+        nzhi = (-64.0 - zf).to(tl.float16)[:, :, None]
+        lo, hi = tl.inline_asm_elementwise(
+            _ASM_U4, "=r,=r,=r,=r,r,r,r,r,r,r,r", [raw, nzlo, nzhi, sc[:, :, None]],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        sf = sc.to(tl.float32)[:, :, None]
+        lo = (((raw & 15).to(tl.float32) - zf[:, :, None]) * sf).to(DT)
+        hi = (((raw >> 4).to(tl.float32) - zf[:, :, None]) * sf).to(DT)
+    return tl.reshape(lo, [BS, W]), tl.reshape(hi, [BS, W])
+
+
+@triton.jit
+def _ld8(base, sbase, offs_s, s_mask, st_s, ss_s, offs_d, d_mask, EVEN_D: tl.constexpr):
+    """Raw int8 rows [BS, BLOCK_D] and their per-token scales [BS]."""
+    ptrs = base + offs_s[:, None] * st_s + offs_d[None, :]
+    if EVEN_D:
+        t = tl.load(ptrs, mask=s_mask[:, None], other=0)
+    else:
+        t = tl.load(ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0)
+    return t, tl.load(sbase + offs_s * ss_s, mask=s_mask, other=0.0)
+
+
+@triton.jit
+def _ld4b(base, offs_s, s_mask, st_s, NG, GP: tl.constexpr, EVEN_D: tl.constexpr):
+    """Raw int4 rows as [BS, GP, 16] bytes (groups >= NG are 0)."""
     offs_g = tl.arange(0, GP)
     offs_b = tl.arange(0, 16)
-    g_mask = offs_g < NG
-    m2 = s_mask[:, None] & g_mask[None, :]
-    b = tl.load(d_ptr + offs_s[:, None, None] * sd_s + (offs_g * 16)[None, :, None] + offs_b[None, None, :],
-                mask=m2[:, :, None], other=0).to(tl.int32)
-    codes = tl.interleave(b & 15, b >> 4).to(tl.float32)  # [BS, GP, 32], element 2j low nibble
-    sc = tl.load(sc_ptr + offs_s[:, None] * ssc_s + offs_g[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs_s[:, None] * sz_s + offs_g[None, :], mask=m2, other=0.0).to(tl.float32)
-    t = (codes - z[:, :, None]) * sc[:, :, None]
-    return tl.reshape(t, [offs_s.shape[0], GP * 32]).to(DT)
+    ptrs = base + offs_s[:, None, None] * st_s + (offs_g * 16)[None, :, None] + offs_b[None, None, :]
+    if EVEN_D:
+        return tl.load(ptrs, mask=s_mask[:, None, None], other=0)
+    else:
+        return tl.load(ptrs, mask=s_mask[:, None, None] & (offs_g < NG)[None, :, None], other=0)
+
+
+@triton.jit
+def _ld4s(sbase, zbase, offs_s, s_mask, ss_s, sz_s, NG, GP: tl.constexpr, EVEN_D: tl.constexpr,
+          CONTIG: tl.constexpr):
+    """Scale and zero [BS, GP] of int4 rows. CONTIG: both have rows of GP contiguous values (a
+    known stride gives vector loads, which Triton then pipelines through shared memory)."""
+    offs_g = tl.arange(0, GP)
+    if CONTIG:
+        return (tl.load(sbase + offs_s[:, None] * GP + offs_g[None, :], mask=s_mask[:, None], other=0.0),
+                tl.load(zbase + offs_s[:, None] * GP + offs_g[None, :], mask=s_mask[:, None], other=0.0))
+    if EVEN_D:
+        m2 = s_mask[:, None]
+    else:
+        m2 = s_mask[:, None] & (offs_g < NG)[None, :]
+    return (tl.load(sbase + offs_s[:, None] * ss_s + offs_g[None, :], mask=m2, other=0.0),
+            tl.load(zbase + offs_s[:, None] * sz_s + offs_g[None, :], mask=m2, other=0.0))
+
+
+@triton.jit
+def _softmax_step(sc, valid, m_i, l_i):
+    """Online softmax (base 2) of one score tile: (p, alpha, new max, new sum)."""
+    sc = tl.where(valid, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(sc - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(mma_in(a), mma_in(b), acc)
 
 
 @triton.jit
@@ -72,9 +198,12 @@ def _kv_attn_kernel(
     so_b, so_h, so_s, so_d,
     D,
     BITS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, PV_DT: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ASM: tl.constexpr, EVEN_D: tl.constexpr,
+    SZ_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Triton pipelines the raw loads of a tile (bytes, scales, zeros: cp.async into shared
+    memory, ``num_stages``); the codes become float16 in the dot's operand layout (PTX, ASM)."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -84,11 +213,7 @@ def _kv_attn_kernel(
     row_mask = rows < ROWS
     qi = rows % S_Q
     h = hkv * GROUPS + rows // S_Q
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q_ptrs = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64)[:, None] * sq_h + qi[:, None] * sq_s \
-        + offs_d[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(DT)
+    q_row = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64)[:, None] * sq_h + qi[:, None] * sq_s
 
     kv_lo = pid_s * kv_per_split
     kv_hi = tl.minimum(kv_lo + kv_per_split, S_KV)
@@ -105,53 +230,63 @@ def _kv_attn_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s0 in range(kv_lo, kv_hi, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < kv_hi
-        if BITS == 8:
-            kt = tl.load(k_base + offs_s[:, None] * sk_s + offs_d[None, :],
-                         mask=s_mask[:, None] & d_mask[None, :], other=0)
-            kt = _int8_to(kt, DT)
-        else:
-            kt = _int4_tile(k_base, ks_base, kz_base, offs_s, s_mask, sk_s, sks_s, skz_s, BLOCK_D // 32,
-                            D // 32, DT)
-        if IEEE:
-            sc = tl.dot(q, tl.trans(kt), input_precision="tf32x3")
-        else:
-            sc = tl.dot(mma_in(q), mma_in(tl.trans(kt)))
-        if BITS == 8:
-            sc = sc * (tl.load(ks_base + offs_s * sks_s, mask=s_mask, other=0.0).to(tl.float32) * qk_scale)[None, :]
-        else:
-            sc = sc * qk_scale
-        valid = s_mask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_s[None, :] <= (qi + S_KV - S_Q)[:, None])
-        sc = tl.where(valid, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if BITS == 8:
-            vt = tl.load(v_base + offs_s[:, None] * sv_s + offs_d[None, :],
-                         mask=s_mask[:, None] & d_mask[None, :], other=0)
-            vt = _int8_to(vt, PV_DT)
-            p = p * tl.load(vs_base + offs_s * svs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
-        else:
-            vt = _int4_tile(v_base, vs_base, vz_base, offs_s, s_mask, sv_s, svs_s, svz_s, BLOCK_D // 32,
-                            D // 32, PV_DT)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(PV_DT), vt, input_precision="tf32x3")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(mma_in(p.to(PV_DT)), mma_in(vt))
-        m_i = m_new
+    ar_s = tl.arange(0, BLOCK_S)
+    if BITS == 8:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        q = tl.load(q_row + offs_d[None, :] * sq_d, mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(DT)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for s0 in range(kv_lo, kv_hi, BLOCK_S):
+            offs_s = s0 + ar_s
+            s_mask = offs_s < kv_hi
+            kr, ks = _ld8(k_base, ks_base, offs_s, s_mask, sk_s, sks_s, offs_d, d_mask, EVEN_D)
+            vr, vs = _ld8(v_base, vs_base, offs_s, s_mask, sv_s, svs_s, offs_d, d_mask, EVEN_D)
+            sc = _dot(q, tl.trans(_i8_tile(kr, DT, ASM)), None, IEEE)
+            sc = sc * (ks.to(tl.float32) * qk_scale)[None, :]
+            valid = s_mask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_s[None, :] <= (qi + S_KV - S_Q)[:, None])
+            p, alpha, m_i, l_i = _softmax_step(sc, valid, m_i, l_i)
+            p = p * vs.to(tl.float32)[None, :]
+            acc = _dot(p.to(PV_DT), _i8_tile(vr, PV_DT, ASM), acc * alpha[:, None], IEEE)
+    else:
+        HD: tl.constexpr = BLOCK_D // 2
+        GP: tl.constexpr = BLOCK_D // 32
+        NG = D // 32
+        offs_h = tl.arange(0, HD)
+        h_mask = 2 * offs_h < D
+        qm = row_mask[:, None] & h_mask[None, :]
+        q_lo = tl.load(q_row + (2 * offs_h)[None, :] * sq_d, mask=qm, other=0.0).to(DT)
+        q_hi = tl.load(q_row + (2 * offs_h + 1)[None, :] * sq_d, mask=qm, other=0.0).to(DT)
+        acc_lo = tl.zeros([BLOCK_M, HD], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, HD], dtype=tl.float32)
+        for s0 in range(kv_lo, kv_hi, BLOCK_S):
+            offs_s = s0 + ar_s
+            s_mask = offs_s < kv_hi
+            ks, kz = _ld4s(ks_base, kz_base, offs_s, s_mask, sks_s, skz_s, NG, GP, EVEN_D, SZ_CONTIG)
+            vs, vz = _ld4s(vs_base, vz_base, offs_s, s_mask, svs_s, svz_s, NG, GP, EVEN_D, SZ_CONTIG)
+            kr = _ld4b(k_base, offs_s, s_mask, sk_s, NG, GP, EVEN_D)
+            vr = _ld4b(v_base, offs_s, s_mask, sv_s, NG, GP, EVEN_D)
+            k_lo, k_hi = _u4_tile(kr, ks, kz, DT, ASM)
+            sc = _dot(q_lo, tl.trans(k_lo), None, IEEE)
+            sc = _dot(q_hi, tl.trans(k_hi), sc, IEEE) * qk_scale
+            valid = s_mask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_s[None, :] <= (qi + S_KV - S_Q)[:, None])
+            p, alpha, m_i, l_i = _softmax_step(sc, valid, m_i, l_i)
+            v_lo, v_hi = _u4_tile(vr, vs, vz, PV_DT, ASM)
+            p = p.to(PV_DT)
+            acc_lo = _dot(p, v_lo, acc_lo * alpha[:, None], IEEE)
+            acc_hi = _dot(p, v_hi, acc_hi * alpha[:, None], IEEE)
+        acc = tl.reshape(tl.join(acc_lo, acc_hi), [BLOCK_M, BLOCK_D])  # element 2j + e from acc_{lo,hi}[:, j]
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
 
     if SPLIT:
         base = (pid_bh.to(tl.int64) * NSPLIT + pid_s) * ROWS_PAD
-        tl.store(po_ptr + (base + rows)[:, None] * BLOCK_D + offs_d[None, :], acc)
-        tl.store(pml_ptr + 2 * base + rows, m_i)
-        tl.store(pml_ptr + 2 * base + ROWS_PAD + rows, l_i)
+        tl.store(po_ptr + (base + rows)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_mask[:, None])
+        tl.store(pml_ptr + 2 * base + rows, m_i, mask=row_mask)
+        tl.store(pml_ptr + 2 * base + ROWS_PAD + rows, l_i, mask=row_mask)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # (l = 0 only on padding rows)
         o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64)[:, None] * so_h + qi[:, None] * so_s \
@@ -161,36 +296,39 @@ def _kv_attn_kernel(
 
 @triton.jit
 def _kv_combine_kernel(
-    po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT, D,
+    po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS_PAD, NSPLIT, D,
     so_b, so_h, so_s, so_d,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    CH: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
+    """One output row per program: all its splits merged, CH splits per (vector) load."""
+    row = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
     hkv = pid_bh % H_KV
-    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < ROWS
+    offs_j = tl.arange(0, CH)
     offs_d = tl.arange(0, BLOCK_D)
-    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for j in range(0, NSPLIT):
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j0 in range(0, NSPLIT, CH):
+        j = j0 + offs_j
+        jm = j < NSPLIT
         base = (pid_bh.to(tl.int64) * NSPLIT + j) * ROWS_PAD
-        m_max = tl.maximum(m_max, tl.load(pml_ptr + 2 * base + rows, mask=row_mask, other=float("-inf")))
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j in range(0, NSPLIT):
-        base = (pid_bh.to(tl.int64) * NSPLIT + j) * ROWS_PAD
-        w = tl.exp2(tl.load(pml_ptr + 2 * base + rows, mask=row_mask, other=float("-inf")) - m_use)
-        l += w * tl.load(pml_ptr + 2 * base + ROWS_PAD + rows, mask=row_mask, other=0.0)
-        acc += w[:, None] * tl.load(po_ptr + (base + rows)[:, None] * BLOCK_D + offs_d[None, :],
-                                    mask=row_mask[:, None], other=0.0)
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    qi = rows % S_Q
-    h = hkv * GROUPS + rows // S_Q
-    o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64)[:, None] * so_h + qi[:, None] * so_s \
-        + offs_d[None, :] * so_d
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_d < D)[None, :])
+        m = tl.load(pml_ptr + 2 * base + row, mask=jm, other=float("-inf"))
+        lj = tl.load(pml_ptr + 2 * base + ROWS_PAD + row, mask=jm, other=0.0)
+        o = tl.load(po_ptr + (base + row)[:, None] * BLOCK_D + offs_d[None, :], mask=jm[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(m_run - m_use)
+        w = tl.exp2(m - m_use)
+        l_run = l_run * a + tl.sum(w * lj, axis=0)
+        acc = acc * a + tl.sum(w[:, None] * o, axis=0)
+        m_run = m_new
+    out = acc / tl.where(l_run == 0.0, 1.0, l_run)
+    qi = row % S_Q
+    h = hkv * GROUPS + row // S_Q
+    o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + qi * so_s + offs_d * so_d
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -198,23 +336,33 @@ _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.device,
                dtype: torch.dtype = torch.float16) -> list[Config]:
-    """Row tile, key tile and split count; splits chosen to give ~4 or ~8 programs per multiprocessor."""
+    """Row tile, key tile and split count. Decode-sized calls (few ``batch * kv_heads`` programs)
+    cut the context so that about 2 or 4 programs per multiprocessor run, each over >= 2 key
+    tiles (the loads of the next tile are in flight while one is computed); calls with enough
+    programs also get one unsplit launch (no combine kernel)."""
     out = []
     bm_list = (16,) if rows <= 16 else ((32, 64) if rows <= 64 else (64, 128))
-    bs_list = (64, 32, 128) if d <= 128 else (32, 64)
+    bs_list = (64, 128) if d <= 128 else (32, 64)
     if dtype == torch.float32:  # 3-pass tf32 dots: smaller tiles keep registers and shared memory in check
         bm_list = tuple(min(bm, 32) for bm in bm_list[:1])
         bs_list = (32, 64)
+    sms = num_sms(device)
     for bm in bm_list:
+        warps = 4 if bm <= 64 else 8
         for bs in bs_list:
             programs = b * h_kv * triton.cdiv(rows, bm)
             blocks = triton.cdiv(s_kv, bs)
-            for per_sm in ((4, 8) if programs < 4 * num_sms(device) else (0,)):
-                want = max(1, (per_sm * num_sms(device) + programs - 1) // programs) if per_sm else 1
-                split_blocks = triton.cdiv(blocks, min(want, blocks))
-                warps = 4 if bm <= 64 else 8
-                out.append(cfg("split" if per_sm else "flash", BLOCK_M=bm, BLOCK_S=bs, num_warps=warps,
-                               num_stages=2, extra={"BLOCKS_PER_SPLIT": split_blocks}))
+            seen = set()
+            for per_sm in (2, 4):
+                want = triton.cdiv(per_sm * sms, programs)
+                split_blocks = max(2, triton.cdiv(blocks, want))
+                if triton.cdiv(blocks, split_blocks) <= 1 or split_blocks in seen:
+                    continue
+                seen.add(split_blocks)
+                out.append(cfg("split", BLOCK_M=bm, BLOCK_S=bs, num_warps=warps, num_stages=2,
+                               extra={"BLOCKS_PER_SPLIT": split_blocks}))
+            if programs >= sms or not seen:
+                out.append(cfg("flash", BLOCK_M=bm, BLOCK_S=bs, num_warps=warps, num_stages=2))
     return out
 
 
@@ -241,6 +389,9 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
     vz = v_zero if v_zero is not None else v_scale
     # 4-bit scale/zero: the group dimension has unit stride (see _unit_last)
     dt = _DT[q.dtype]
+    even_d = block_d == d
+    ng = d // 32
+    sz_contig = bits == 4 and even_d and all(t.stride(2) == ng for t in (k_scale, kz, v_scale, vz))
     _kv_attn_kernel[(triton.cdiv(rows, bm), b * h_kv, nsplit)](
         q, k, k_scale, kz, v, v_scale, vz, out, po, pml,
         h_kv, groups, s_q, s_kv, rows, rows_pad, per_split, nsplit, scale * _LOG2E,
@@ -250,13 +401,14 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
         *out.stride(), d,
         BITS=bits, CAUSAL=bool(causal) and s_q > 1,  # with S_q = 1 every key is visible
         SPLIT=split, DT=dt, PV_DT=tl.float32 if q.dtype == torch.float32 else tl.float16,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, ASM=not INTERPRET and inline_ptx_ok(q.device), EVEN_D=even_d,
+        SZ_CONTIG=sz_contig,
         BLOCK_M=bm, BLOCK_S=bs, BLOCK_D=block_d, **c.launch_opts(),
     )
     if split:
-        _kv_combine_kernel[(triton.cdiv(rows, bm), b * h_kv)](
-            po, pml, out, h_kv, groups, s_q, rows, rows_pad, nsplit, d, *out.stride(),
-            BLOCK_M=bm, BLOCK_D=block_d, num_warps=4,
+        _kv_combine_kernel[(rows, b * h_kv)](
+            po, pml, out, h_kv, groups, s_q, rows_pad, nsplit, d, *out.stride(),
+            CH=min(64, max(2, triton.next_power_of_2(nsplit))), BLOCK_D=block_d, num_warps=4,
         )
     return out
 

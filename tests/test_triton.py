@@ -303,9 +303,11 @@ def test_sparse24_float32_values_with_16bit_activations(device):
 KV_SHAPES = [  # (B, H_q, H_kv, S_q, S_kv, D, bits, causal)
     (2, 4, 2, 1, 100, 64, 8, False), (1, 8, 2, 1, 300, 128, 4, True), (1, 2, 1, 5, 70, 32, 8, True),
     (2, 3, 3, 7, 40, 64, 4, True), (1, 4, 1, 33, 33, 40, 8, True), (1, 2, 2, 3, 20, 96, 4, False),
+    (1, 2, 1, 1, 1100, 32, 8, False),  # with 16-token splits: 69 > 64 splits, two combine chunks
 ]
 KV_SHAPES_GPU = [(3, 32, 8, 1, 4100, 128, 8, False), (2, 32, 8, 1, 3000, 128, 4, True),
-                 (1, 8, 2, 130, 700, 128, 8, True), (2, 4, 4, 64, 64, 64, 4, True), (1, 6, 2, 9, 333, 80, 8, False)]
+                 (1, 8, 2, 130, 700, 128, 8, True), (2, 4, 4, 64, 64, 64, 4, True), (1, 6, 2, 9, 333, 80, 8, False),
+                 (1, 8, 2, 1, 1000, 96, 4, False)]  # int4 with D < BLOCK_D: masked groups, strided scale loads
 
 
 def _kv_configs(kern, shape, device, dtype):
@@ -316,6 +318,8 @@ def _kv_configs(kern, shape, device, dtype):
     bm = 16 if rows <= 16 else 32
     forced = [cfg("flash", BLOCK_M=bm, BLOCK_S=32), cfg("split", BLOCK_M=bm, BLOCK_S=16,
                                                         extra={"BLOCKS_PER_SPLIT": 2})]
+    if s_kv > 1024:  # > 64 splits: the combine kernel's chunk loop
+        forced[1] = cfg("split", BLOCK_M=bm, BLOCK_S=16 if device == "cpu" else 64, extra={"BLOCKS_PER_SPLIT": 1})
     if device == "cpu":
         return forced
     return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device), dtype)
