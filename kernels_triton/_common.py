@@ -256,6 +256,31 @@ def with_unsplit(configs: list[Config], count: int = 2) -> list[Config]:
     return configs + twins
 
 
+def tile_configs(path: str, shapes, m: int, n: int, k: int, bk_max: int, device: torch.device,
+                 extra: dict | None = None, swap_ab: bool = False) -> list[Config]:
+    """Configs of a tensor-core tile path from ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``
+    shapes (``(BLOCK_N, BLOCK_M, ...)`` for ``swap_ab``), BLOCK_K capped at ``bk_max`` and the K
+    loop split so the tiles fill the GPU."""
+    out = []
+    for a, b, bk, w, st in shapes:
+        bm, bn = (b, a) if swap_ab else (a, b)
+        bk = min(bk, bk_max)
+        split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
+        out.append(cfg(path, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                       extra={"SPLIT_K": split, **(extra or {})}))
+    return out
+
+
+def swap_ab_shapes(m: int, bk: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    """Swap-AB tile shapes ``(BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)`` for ``m`` rows: the batch
+    on the MMA's narrow side, several pipeline stages of weight words in shared memory."""
+    if m <= 16:
+        return ((64, 16, bk, 4, 4), (128, 16, bk, 8, 4), (64, 16, bk, 4, 6), (128, 16, 64, 8, 6))
+    if m <= 64:
+        return ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4), (128, 32, bk, 8, 4))
+    return ((128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4))
+
+
 def m_bucket(m: int) -> int:
     """Rows of the activation, rounded up to a power of two (the cache key's batch)."""
     return 1 if m <= 1 else triton.next_power_of_2(m)

@@ -43,6 +43,8 @@ from ._common import (
     splitk_reduce,
     store_out,
     store_row,
+    swap_ab_shapes,
+    tile_configs,
     with_unsplit,
 )
 
@@ -353,24 +355,9 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
         else:
             shapes = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
                       (256, 128, 64, 8, 3))
-        for bm, bn, bk, w, st in shapes:
-            bk = min(bk, bk_max)
-            programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-            split = split_k_for(programs, k // bk, device)
-            mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                          extra={"SPLIT_K": split}))
+        mm = tile_configs("mm", shapes, m, n, k, bk_max, device)
         if k % 8 == 0 and m <= 256:  # swap-AB tiles (int32 word loads)
-            if m <= 16:
-                shapes = ((64, 16, 128, 4, 4), (128, 16, 128, 8, 4), (64, 16, 128, 4, 6), (128, 16, 64, 8, 6))
-            elif m <= 64:
-                shapes = ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4), (128, 32, 128, 8, 4))
-            else:
-                shapes = ((128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4))
-            for bn, bm, bk, w, st in shapes:
-                bk = min(bk, bk_max)
-                split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
-                mm.append(cfg("mmt", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                              extra={"SPLIT_K": split}))
+            mm += tile_configs("mmt", swap_ab_shapes(m, 128), m, n, k, bk_max, device, swap_ab=True)
     dense = [cfg("dense")]
     if not (gemv or mm):
         return dense

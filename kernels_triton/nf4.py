@@ -38,6 +38,8 @@ from ._common import (
     splitk_reduce,
     store_out,
     store_row,
+    swap_ab_shapes,
+    tile_configs,
     with_unsplit,
 )
 
@@ -346,24 +348,10 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
             shapes = ((32, 64, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3))
         else:
             shapes = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
-        for bm, bn, bk, w, st in shapes:
-            bk = min(bk, bs)
-            split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
-            mm.append(cfg("mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                          extra={"SPLIT_K": split}))
+        mm = tile_configs("mm", shapes, m, n, k, bs, device)
         if m <= 256 and k % 8 == 0:  # swap-AB tiles (int32 word loads)
-            if m <= 16:
-                shapes = ((64, 16, 64, 4, 4), (128, 16, 64, 8, 4), (64, 16, 64, 4, 6), (128, 16, 64, 8, 6))
-            elif m <= 64:
-                shapes = ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4), (128, 32, 64, 8, 4))
-            else:
-                shapes = ((128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4))
-            reg_lut = int(inline_ptx_ok(device))
-            for bn, bm, bk, w, st in shapes:
-                bk = min(bk, bs)
-                split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
-                mm.append(cfg("mmt", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                              extra={"SPLIT_K": split, "REG_LUT": reg_lut}))
+            mm += tile_configs("mmt", swap_ab_shapes(m, 64), m, n, k, bs, device,
+                               extra={"REG_LUT": int(inline_ptx_ok(device))}, swap_ab=True)
     if m > (16 if dtype == torch.float32 else 8):
         gemv = []
     if m <= 4 or not mm:

@@ -380,21 +380,12 @@ def _launch(c: Config, x2, values, meta, bias, y):
         w = decompress(values, meta, x2.dtype)
         return F.linear(x2, w, bias)
     bvec = bias if bias is not None else values
-    if c.path == "gemv2":
+    if c.path in ("gemv", "gemv2"):
         bn, bk = c["BLOCK_N"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-        _s24_gemv2_kernel[(triton.cdiv(n, bn), m, split)](
-            x2, values, meta, bvec, y, partial, m, n, k, per,
-            x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
-            **c.launch_opts(),
-        )
-    elif c.path == "gemv":
-        bn, bk = c["BLOCK_N"], c["BLOCK_K"]
-        split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-        _s24_gemv_kernel[(triton.cdiv(n, bn), m, split)](
+        kernel = _s24_gemv2_kernel if c.path == "gemv2" else _s24_gemv_kernel
+        kernel[(triton.cdiv(n, bn), m, split)](
             x2, values, meta, bvec, y, partial, m, n, k, per,
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
