@@ -60,10 +60,12 @@ def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _register_lut_asm(dtype: torch.dtype, wide: bool = True) -> str:
+def _register_lut_asm(dtype: torch.dtype, pairs: bool = False) -> str:
     """Inline PTX: the 8 nibbles of an int32 word -> their NF4 values rounded to ``dtype``
-    (float16/bfloat16), as 8 outputs in nibble order (bits 0-3 first): float32 (``wide``, for
-    the GEMV's float32 math) or the 16-bit values themselves (tensor-core operands).
+    (float16/bfloat16). Default: 8 float32 outputs in nibble order (bits 0-3 first), for the
+    GEMV's float32 math. ``pairs``: the word is 4 packed bytes (``pack=4``) and the outputs are
+    the 4 high-nibble values (elements 2j) then the 4 low-nibble values (2j + 1), 16-bit, two
+    to a register (tensor-core operands).
 
     The 16 table entries live in 8 registers as a low-byte and a high-byte plane; per 4 nibbles
     ``prmt`` looks up entries 0-7 and 8-15 of each plane (4 ``prmt``), a fifth ``prmt`` with its
@@ -78,8 +80,8 @@ def _register_lut_asm(dtype: torch.dtype, wide: bool = True) -> str:
     consts = "".join(f"mov.b32 L{r}, {lo[r]:#010x};\nmov.b32 H{r}, {hi[r]:#010x};\n" for r in range(4))
 
     def four(src: str, out: int) -> str:
-        if not wide:
-            cvt = f"mov.b32 {{${out}, ${out + 1}}}, p0;\nmov.b32 {{${out + 2}, ${out + 3}}}, p1;\n"
+        if pairs:  # p0 = (lo, hi) of byte 2*out, p1 = of the next byte: regroup by nibble
+            cvt = f"prmt.b32 ${out}, p0, p1, 0x7632;\nprmt.b32 ${out + 2}, p0, p1, 0x5410;\n"
         elif dtype == torch.float16:
             cvt = (f"mov.b32 {{h0, h1}}, p0;\ncvt.f32.f16 ${out}, h0;\ncvt.f32.f16 ${out + 1}, h1;\n"
                    f"mov.b32 {{h0, h1}}, p1;\ncvt.f32.f16 ${out + 2}, h0;\ncvt.f32.f16 ${out + 3}, h1;\n")
@@ -91,14 +93,17 @@ def _register_lut_asm(dtype: torch.dtype, wide: bool = True) -> str:
                 "lop3.b32 a, a, b, m, 0xD8;\nlop3.b32 c, c, d, m, 0xD8;\n"
                 "prmt.b32 p0, a, c, 0x5140;\nprmt.b32 p1, a, c, 0x7362;\n" + cvt)
 
+    if pairs:  # outputs $0 $1: high nibbles of bytes (0,1), (2,3); $2 $3: low nibbles; input $4
+        return ("{\n.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, i, t, m, a, b, c, d, p0, p1;\n"
+                + consts + four("$4", 0) + "shr.u32 s, $4, 16;\n" + four("s", 1) + "}")
     return ("{\n.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, i, t, m, a, b, c, d, p0, p1;\n.reg .b16 h0, h1;\n"
             + consts + four("$8", 0) + "shr.u32 s, $8, 16;\n" + four("s", 4) + "}")
 
 
 _LUT_F16 = tl.constexpr(_register_lut_asm(torch.float16))
 _LUT_BF16 = tl.constexpr(_register_lut_asm(torch.bfloat16))
-_LUT_F16_H = tl.constexpr(_register_lut_asm(torch.float16, wide=False))
-_LUT_BF16_H = tl.constexpr(_register_lut_asm(torch.bfloat16, wide=False))
+_LUT_F16_PAIRS = tl.constexpr(_register_lut_asm(torch.float16, pairs=True))
+_LUT_BF16_PAIRS = tl.constexpr(_register_lut_asm(torch.bfloat16, pairs=True))
 
 
 @triton.jit
@@ -179,16 +184,20 @@ if not INTERPRET:
         return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
 
     @triton.jit
-    def _nf4_codes_reg(w, lut_ptr, IS_BF16: tl.constexpr):
-        """``_nf4_spread`` from the register table, as float16/bfloat16 (``lut_ptr``'s dtype)."""
-        if IS_BF16:
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _LUT_BF16_H, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    def _nf4_byte_codes(qb, lut_ptr, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
+        """uint8 [R, C] -> (high-nibble values, low-nibble values) [R, C] in ``lut_ptr``'s dtype
+        (float16/bfloat16): from the register table (``REG_LUT``), else the table in memory."""
+        if REG_LUT:
+            if IS_BF16:
+                hi, lo = tl.inline_asm_elementwise(_LUT_BF16_PAIRS, "=r,=r,=r,=r,r", [qb],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                hi, lo = tl.inline_asm_elementwise(_LUT_F16_PAIRS, "=r,=r,=r,=r,r", [qb],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            return hi, lo
         else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _LUT_F16_H, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        t = tl.join(tl.join(tl.join(o1, o5), tl.join(o3, o7)), tl.join(tl.join(o0, o4), tl.join(o2, o6)))
-        return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+            b = qb.to(tl.int32)
+            return tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))
 
 else:  # the interpreter runs no PTX: the same values from a table in x's dtype
 
@@ -197,8 +206,9 @@ else:  # the interpreter runs no PTX: the same values from a table in x's dtype
         return _nf4_spread(w, lut_ptr).to(tl.float32)
 
     @triton.jit
-    def _nf4_codes_reg(w, lut_ptr, IS_BF16: tl.constexpr):
-        return _nf4_spread(w, lut_ptr)
+    def _nf4_byte_codes(qb, lut_ptr, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
+        b = qb.to(tl.int32)
+        return tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))
 
 
 @triton.jit
@@ -257,34 +267,36 @@ def _nf4_mmt_kernel(
     REG_LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SCALE_B: tl.constexpr,
 ):
-    """Swap-AB tensor-core tiles, ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` (as int4's
-    ``_int4_mmt_kernel``): int32 words staged by the pipeliner, codes from the register table
-    (``REG_LUT``; else the table in memory, in x's dtype), absmax per K step (BLOCK_K <= BS):
-    folded into the tile (``SCALE_B``) or applied to each step's float32 product."""
+    """Swap-AB tensor-core tiles, ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T``, as int4's
+    ``_int4_mmt_kernel``: packed bytes staged by the pipeliner and read straight into the MMA's
+    register layout, the high nibbles (elements 2j) meeting the even rows of x^T and the low ones
+    the odd rows; codes from the register table (``REG_LUT``, 4 bytes a PTX call; else the table
+    in memory, in x's dtype), absmax per K step (BLOCK_K <= BS): folded into the tile
+    (``SCALE_B``) or applied to each step's float32 product."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_mask = offs_m < M
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
-    q_ptrs = qw_ptr.to(tl.pointer_type(tl.int32)) + rows64[:, None] * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
-    xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None] * stride_xk
+    HB: tl.constexpr = BLOCK_K // 2
+    q_ptrs = qw_ptr + rows64[:, None] * (K // 2) + tl.arange(0, HB)[None, :]
+    xe_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (2 * tl.arange(0, HB))[:, None] * stride_xk
     blocks_per_row = K // BS
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
-        xt = tl.load(xt_ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0)
+        xe = tl.load(xe_ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
+        xo = tl.load(xe_ptrs + (k0 + 1) * stride_xk, mask=m_mask[None, :], other=0.0)
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
-        if REG_LUT:
-            w = _nf4_codes_reg(wd, lut_ptr, IS_BF16)
-        else:
-            w = _nf4_spread(wd, lut_ptr)
+        hi, lo = _nf4_byte_codes(qb, lut_ptr, IS_BF16, REG_LUT)
         if SCALE_B:
-            acc = tl.dot(mma_in(scale_rows(w, am)), mma_in(xt), acc)
+            acc = tl.dot(mma_in(scale_rows(hi, am)), mma_in(xe), acc)
+            acc = tl.dot(mma_in(scale_rows(lo, am)), mma_in(xo), acc)
         else:
-            acc += tl.dot(mma_in(w), mma_in(xt)) * am[:, None]
+            acc += tl.dot(mma_in(lo), mma_in(xo), tl.dot(mma_in(hi), mma_in(xe))) * am[:, None]
     store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
               HAS_BIAS, PARTIAL)
 
@@ -349,7 +361,7 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
         else:
             shapes = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
         mm = tile_configs("mm", shapes, m, n, k, bs, device)
-        if m <= 256 and k % 8 == 0:  # swap-AB tiles (int32 word loads)
+        if m <= 256:  # swap-AB tiles
             mm += tile_configs("mmt", swap_ab_shapes(m, 64), m, n, k, bs, device,
                                extra={"REG_LUT": int(inline_ptx_ok(device))}, swap_ab=True)
     if m > (16 if dtype == torch.float32 else 8):
@@ -422,7 +434,7 @@ def nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blo
 
     def cands():
         cs = candidates(m, n, k, blocksize, x.dtype, x.device)
-        return cs if aligned else [c for c in cs if c.path not in ("gemv", "mmt")] or [cfg("dense")]
+        return cs if aligned else [c for c in cs if c.path != "gemv"] or [cfg("dense")]
 
     key = (m_bucket(m), n, k, blocksize, x.dtype, absmax_scale is not None, bias is not None, aligned, x.device)
     run = lambda c: _launch(c, x2, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, n, bias, y)
