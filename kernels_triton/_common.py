@@ -322,8 +322,11 @@ def runs_per_step(runs: int, want: int) -> int:
 
 
 @triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(offs_m, offs_n) of tile ``pid``, ordered in groups of GROUP_M row tiles (L2 reuse of W)."""
+def tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of a split-K tile kernel (grid: tiles, K splits): ``(pid_k,
+    offs_m, offs_n, m_mask, n_mask, rows64)``, tiles ordered in groups of GROUP_M row tiles (L2
+    reuse of W); ``rows64`` = ``offs_n`` as int64 (weight-row offsets)."""
+    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n
@@ -331,7 +334,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     gm = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % gm
     pid_n = (pid % width) // gm
-    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), offs_m, offs_n, offs_m < M, offs_n < N, offs_n.to(tl.int64)
 
 
 @triton.jit

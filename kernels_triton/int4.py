@@ -32,7 +32,6 @@ from ._common import (
     cfg,
     contiguous_rows,
     finish,
-    grouped_tile,
     m_bucket,
     mma_in,
     pick,
@@ -45,6 +44,7 @@ from ._common import (
     store_row,
     swap_ab_shapes,
     tile_configs,
+    tile_of_program,
     with_unsplit,
 )
 
@@ -157,12 +157,7 @@ def _int4_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_B: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
     q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -223,12 +218,7 @@ def _int4_mmt_kernel(
     ``SCALE_B``: ``(q - z) * s`` rounded to x's dtype feeds one running accumulator; else the
     integer tile's product is scaled per K step in float32 (exact ``q``; BLOCK_K within a group).
     """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     HB: tl.constexpr = BLOCK_K // 2
     q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, HB)[None, :]
     xe_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (2 * tl.arange(0, HB))[:, None] * stride_xk

@@ -26,7 +26,6 @@ from ._common import (
     cache_for,
     cfg,
     finish,
-    grouped_tile,
     inline_ptx_ok,
     m_bucket,
     mma_in,
@@ -40,6 +39,7 @@ from ._common import (
     store_row,
     swap_ab_shapes,
     tile_configs,
+    tile_of_program,
     with_unsplit,
 )
 
@@ -235,12 +235,7 @@ def _nf4_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Tensor-core tiles; B = table[nibble] in x's dtype, absmax applied per K step (BLOCK_K <= BS)."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
     q_ptrs = qw_ptr + rows64[:, None] * (K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
     blocks_per_row = K // BS
@@ -273,12 +268,7 @@ def _nf4_mmt_kernel(
     the odd rows; codes from the register table (``REG_LUT``, 4 bytes a PTX call; else the table
     in memory, in x's dtype), absmax per K step (BLOCK_K <= BS): folded into the tile
     (``SCALE_B``) or applied to each step's float32 product."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     HB: tl.constexpr = BLOCK_K // 2
     q_ptrs = qw_ptr + rows64[:, None] * (K // 2) + tl.arange(0, HB)[None, :]
     xe_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (2 * tl.arange(0, HB))[:, None] * stride_xk

@@ -30,7 +30,6 @@ from ._common import (
     cfg,
     contiguous_rows,
     finish,
-    grouped_tile,
     m_bucket,
     mma_in,
     pick,
@@ -39,6 +38,7 @@ from ._common import (
     splitk_reduce,
     store_out,
     store_row,
+    tile_of_program,
     with_unsplit,
 )
 
@@ -177,12 +177,7 @@ def _s24_mm_kernel(
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m, offs_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows64 = offs_n.to(tl.int64)
+    pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_K // 2)
     offs_t = tl.arange(0, BLOCK_K // 8)

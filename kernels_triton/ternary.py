@@ -154,14 +154,8 @@ def _ternary_gemv_kernel(
     else:
         f0, f1, f2, f3 = _ternary_gemv_float(x_row, q_ptrs, r_mask, offs_kw, offs_k, xs, zero, k_lo, k_hi,
                                              stride_xk, one_bits, EVEN_K, BLOCK_R, BLOCK_K)
-    _ternary_store(f0, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f1, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f2, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                    stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -237,14 +231,8 @@ def _ternary_gemv2_kernel(
     f1 = tl.sum(a1_, axis=1).to(tl.float32) - xsum
     f2 = tl.sum(a2_, axis=1).to(tl.float32) - xsum
     f3 = tl.sum(a3_, axis=1).to(tl.float32) - xsum
-    _ternary_store(f0, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f1, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f2, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                    stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -323,6 +311,20 @@ else:
         s += ((a >> 16) & 0xFF) * ((b << 8) >> 24)
         s += ((a >> 24) & 0xFF) * (b >> 24)
         return s
+
+
+@triton.jit
+def _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                    PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """:func:`_ternary_store` of the four sub-rows' results of a GEMV tile."""
+    _ternary_store(f0, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f1, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f2, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
+    _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
