@@ -112,8 +112,13 @@ def _device_time(fn: Callable[[], object], device: torch.device) -> float:
             fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        global _counters_in_capture
+        _counters_in_capture = True  # time the in-kernel split-K reduction eager calls use
+        try:
+            with torch.cuda.graph(graph, stream=stream):  # the stream whose counters the warm-up made
+                fn()
+        finally:
+            _counters_in_capture = False
         run = graph.replay
     except Exception:  # noqa: BLE001 - capture unsupported for this call: time it eagerly
         graph = None
@@ -340,30 +345,102 @@ def tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M:
 
 
 @triton.jit
-def store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
-              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    """Store a float32 [BLOCK_M, BLOCK_N] result: the split's slice of the partial buffer
-    ``[SPLIT, M, N]`` (PARTIAL), else ``y`` in its dtype, bias added."""
-    mask = m_mask[:, None] & n_mask[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    if PARTIAL:
-        tl.store(p_ptr + (pid_k.to(tl.int64) * M + rows) * N + offs_n[None, :], acc, mask=mask)
+def xt_pair_ptrs(x_ptr, offs_m, stride_xm, stride_xk, HB: tl.constexpr, PAIRS: tl.constexpr):
+    """Pointers (at K column 0) for :func:`load_xt_pairs`' [HB, BLOCK_M] tiles of x^T."""
+    if PAIRS:
+        w_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+        return w_ptr + offs_m.to(tl.int64)[None, :] * (stride_xm // 2) + tl.arange(0, HB)[:, None]
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        return x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (2 * tl.arange(0, HB))[:, None] * stride_xk
 
 
 @triton.jit
-def store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+def load_xt_pairs(x_ptr, ptrs, k0, m_mask, stride_xk, PAIRS: tl.constexpr):
+    """The even and the odd rows of x^T (columns ``k0 + 2j`` and ``k0 + 2j + 1`` of x), [HB,
+    BLOCK_M] each: the operands that meet a packed byte's two nibbles. ``PAIRS`` (unit stride
+    along K, even row stride, 4-byte aligned): one int32 word a pair, split in registers (half
+    the load instructions of two strided 2-byte loads, which made L1, not DRAM, the limit)."""
+    if PAIRS:
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        w = tl.load(ptrs + k0 // 2, mask=m_mask[None, :], other=0)
+        return (w & 0xFFFF).to(tl.int16).to(DT, bitcast=True), (w >> 16).to(tl.int16).to(DT, bitcast=True)
+    else:
+        xe = tl.load(ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
+        xo = tl.load(ptrs + (k0 + 1) * stride_xk, mask=m_mask[None, :], other=0.0)
+        return xe, xo
+
+
+def x_pairs_ok(x2: torch.Tensor) -> bool:
+    """Whether :func:`load_xt_pairs` may read ``x2 [M, K]`` (16-bit) as int32 pairs. (The
+    interpreter cannot bitcast to bfloat16.)"""
+    return (x2.element_size() == 2 and x2.stride(1) == 1 and (x2.stride(0) % 2 == 0 or x2.shape[0] == 1)
+            and x2.data_ptr() % 4 == 0 and not (INTERPRET and x2.dtype == torch.bfloat16))
+
+
+@triton.jit
+def store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
+              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Store a float32 [BLOCK_M, BLOCK_N] result: ``y`` in its dtype, bias added; or, for a
+    K split (``PARTIAL``, see :func:`split_k_buffers`), the split's slice of the partial buffer
+    ``[SPLIT, M, N]``, and (``PARTIAL == 2``) ``y`` too if this program is the tile's last split."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    if PARTIAL:
+        p_ptrs = p_ptr + rows * N + offs_n[None, :]
+        tl.store(p_ptrs + pid_k.to(tl.int64) * M * N, acc, mask=mask)
+        if PARTIAL == 2:
+            acc, last = _sum_if_last_split(acc, p_ptrs, M * N, mask, c_ptr)
+            if last:
+                _store_y(acc, y_ptr + rows * stride_ym + offs_n[None, :], b_ptr + offs_n, mask, n_mask[None, :],
+                         HAS_BIAS)
+    else:
+        _store_y(acc, y_ptr + rows * stride_ym + offs_n[None, :], b_ptr + offs_n, mask, n_mask[None, :], HAS_BIAS)
+
+
+@triton.jit
+def store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
     """:func:`store_out` for one row ``m`` of the output (GEMV programs)."""
     if PARTIAL:
-        tl.store(p_ptr + (pid_k.to(tl.int64) * M + m) * N + offs_n, acc, mask=n_mask)
+        p_ptrs = p_ptr + m * N + offs_n
+        tl.store(p_ptrs + pid_k.to(tl.int64) * M * N, acc, mask=n_mask)
+        if PARTIAL == 2:
+            acc, last = _sum_if_last_split(acc, p_ptrs, M * N, n_mask, c_ptr)
+            if last:
+                _store_y(acc, y_ptr + m * stride_ym + offs_n, b_ptr + offs_n, n_mask, n_mask, HAS_BIAS)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        _store_y(acc, y_ptr + m * stride_ym + offs_n, b_ptr + offs_n, n_mask, n_mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_y(acc, y_ptrs, b_ptrs, mask, b_mask, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_if_last_split(acc, p_ptrs, slice_elems, mask, c_ptr):
+    """After this program stored its partial tile: count it in the tile's counter, and if it was
+    the tile's last K split, return the sum of all splits' partials (in split order, as
+    :func:`splitk_reduce` adds them: the same bits either way) and reset the counter.
+
+    The K split is the grid's last axis (axis 2 of a 3-D grid, else axis 1); the tile is the
+    program's index over the other axes. The barrier makes every thread's partial stores precede
+    the release of the counter's increment (done by one thread); its acquire orders the last
+    program's loads after every other split's release. The loads bypass L1 (``.cg``)."""
+    np2 = tl.num_programs(2)
+    tile = tl.where(np2 > 1, tl.program_id(0) + tl.num_programs(0) * tl.program_id(1), tl.program_id(0))
+    nsplit = tl.where(np2 > 1, np2, tl.num_programs(1))
+    tl.debug_barrier()
+    done = tl.atomic_add(c_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = done == nsplit - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        for s in range(nsplit):
+            acc += tl.load(p_ptrs + s * slice_elems, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return acc, last
 
 
 @triton.jit
@@ -372,7 +449,7 @@ def _splitk_reduce_kernel(p_ptr, bias_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.con
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLIT):
+    for s in range(SPLIT):
         acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -387,6 +464,47 @@ def splitk_reduce(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Ten
         partial, bias if bias is not None else partial, y, m * n, n, split,
         HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
     )
+
+
+#: Per (device, stream): int32 tile counters of the in-kernel split-K reduction, all zero
+#: between launches (each tile's last split resets its counter).
+_tile_counters: dict[tuple[str, int | None, int], torch.Tensor] = {}
+#: Set while the tuner captures a candidate on a private stream (its counters made beforehand).
+_counters_in_capture = False
+
+
+def split_k_buffers(split: int, tiles: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(partial, counters, PARTIAL)`` for a launch whose K loop is cut into ``split`` ranges
+    over ``tiles`` output tiles (the grid without its split axis), writing ``y [M, N]``.
+
+    ``PARTIAL`` 0: no split (both buffers are ``y``, unused). 2: the tile's last split sums the
+    float32 partials and writes ``y`` (one launch), counting arrivals in a per-stream counter
+    buffer. 1: the partials are summed by :func:`finish_split` 's second kernel - during CUDA-graph
+    capture, where a counter buffer shared with eager launches (or other graphs, replayed
+    concurrently on other streams) could be raced, and the counters cannot be allocated."""
+    if split <= 1:
+        return y, y, 0
+    m, n = y.shape
+    partial = torch.empty((split, m, n), dtype=torch.float32, device=y.device)
+    dev = y.device
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing and not _counters_in_capture:
+        return partial, partial, 1
+    key = (dev.type, dev.index, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    cnt = _tile_counters.get(key)
+    if cnt is None or cnt.numel() < tiles:
+        if capturing:
+            return partial, partial, 1
+        cnt = _tile_counters[key] = torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32,
+                                                device=dev)
+    return partial, cnt, 2
+
+
+def finish_split(mode: int, partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """Complete a launch made with :func:`split_k_buffers` ' buffers; returns ``y``."""
+    if mode == 1:
+        splitk_reduce(partial, bias, y)
+    return y
 
 
 def rows_2d(x: torch.Tensor) -> torch.Tensor:

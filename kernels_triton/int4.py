@@ -32,20 +32,24 @@ from ._common import (
     cfg,
     contiguous_rows,
     finish,
+    finish_split,
+    load_xt_pairs,
     m_bucket,
     mma_in,
     pick,
     rows_2d,
     runs_per_step,
     small_int_to_float,
+    split_k_buffers,
     split_k_for,
-    splitk_reduce,
     store_out,
     store_row,
     swap_ab_shapes,
     tile_configs,
     tile_of_program,
     with_unsplit,
+    x_pairs_ok,
+    xt_pair_ptrs,
 )
 
 _CACHE = cache_for("int4_matmul")
@@ -53,7 +57,7 @@ _CACHE = cache_for("int4_matmul")
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, G, k_per_split, one_bits,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PARTIAL: tl.constexpr,
@@ -103,7 +107,7 @@ def _int4_gemv_kernel(
             q = _spread_nibbles(wd, one_bits, 19, 0x780000)
             qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, GS]), axis=2) - xsum)
             acc += tl.sum(s * (qx - z * xsum), axis=1)
-    store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -150,7 +154,7 @@ def _nib(w, I: tl.constexpr, OR, POS: tl.constexpr, MASK: tl.constexpr):
 
 @triton.jit
 def _int4_mm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, G, k_per_split,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IS_BF16: tl.constexpr,
@@ -191,18 +195,18 @@ def _int4_mm_kernel(
             hi = small_int_to_float(qb >> 4, 8, IS_BF16)
             part = tl.dot(mma_in(xt), mma_in(tl.trans(tl.interleave(lo, hi))))
             acc += part * s[None, :]
-    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS,
+    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS,
               PARTIAL)
 
 
 @triton.jit
 def _int4_mmt_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, G, k_per_split,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SCALE_B: tl.constexpr,
+    SCALE_B: tl.constexpr, X_PAIRS: tl.constexpr,
 ):
     """Swap-AB tensor-core tiles: ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T``.
 
@@ -221,14 +225,13 @@ def _int4_mmt_kernel(
     pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     HB: tl.constexpr = BLOCK_K // 2
     q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, HB)[None, :]
-    xe_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (2 * tl.arange(0, HB))[:, None] * stride_xk
+    xt_ptrs = xt_pair_ptrs(x_ptr, offs_m, stride_xm, stride_xk, HB, X_PAIRS)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0)
-        xe = tl.load(xe_ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
-        xo = tl.load(xe_ptrs + (k0 + 1) * stride_xk, mask=m_mask[None, :], other=0.0)
+        xe, xo = load_xt_pairs(x_ptr, xt_ptrs, k0, m_mask, stride_xk, X_PAIRS)
         g = k0 // G
         s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0)
         if HAS_ZERO:
@@ -244,7 +247,7 @@ def _int4_mmt_kernel(
             part = tl.dot(mma_in(hi), mma_in(xo), tl.dot(mma_in(lo), mma_in(xe)))
             xs = tl.sum(xe.to(tl.float32), axis=0) + tl.sum(xo.to(tl.float32), axis=0)
             acc += (part - z.to(tl.float32)[:, None] * xs[None, :]) * s.to(tl.float32)[:, None]
-    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
               HAS_BIAS, PARTIAL)
 
 
@@ -367,35 +370,31 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
         ng = runs_per_step(k // gs, c.get("NG", 1))
         bn, bk = c["BLOCK_N"], gs * ng
         split = _split(c.get("SPLIT_K", 1), k // bk, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(n, bn) * m, y)
         per = triton.cdiv(k // bk, split) * bk
         _int4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
-            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
+            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial, cnt,
             m, n, k, g, per, 0x4B000000 if x2.dtype == torch.float32 else 0x3F800000,
             x2.stride(0), x2.stride(1), qweight.stride(0) // 4, scales.stride(0), zt.stride(0), y.stride(0),
-            HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=split > 1,
+            HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=mode,
             BLOCK_N=bn, GS=gs, NG=ng, **c.launch_opts(),
         )
-        if split > 1:
-            splitk_reduce(partial, bias, y)
-        return y
+        return finish_split(mode, partial, bias, y)
     if c.path in ("mm", "mmt"):
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split = _split(c.get("SPLIT_K", 1), k // bk, bk)
         per = triton.cdiv(k // bk, split) * bk
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-        kernel = _int4_mm_kernel if c.path == "mm" else _int4_mmt_kernel
+        partial, cnt, mode = split_k_buffers(split, grid[0], y)
+        kernel, extra = (_int4_mm_kernel, {}) if c.path == "mm" else (_int4_mmt_kernel, {"X_PAIRS": x_pairs_ok(x2)})
         kernel[grid](
-            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial,
+            x2, qweight, scales, zt, bias if bias is not None else scales, y, partial, cnt,
             m, n, k, g, per,
             x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), zt.stride(0), y.stride(0),
-            HAS_ZERO=has_zero, HAS_BIAS=bias is not None, PARTIAL=split > 1, IS_BF16=x2.dtype == torch.bfloat16,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64, **c.launch_opts(),
+            HAS_ZERO=has_zero, HAS_BIAS=bias is not None, PARTIAL=mode, IS_BF16=x2.dtype == torch.bfloat16,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64, **extra, **c.launch_opts(),
         )
-        if split > 1:
-            splitk_reduce(partial, bias, y)
-        return y
+        return finish_split(mode, partial, bias, y)
     w = dequantize(qweight, scales, zeros, g, x2.dtype)
     return F.linear(x2, w, bias)
 

@@ -26,21 +26,25 @@ from ._common import (
     cache_for,
     cfg,
     finish,
+    finish_split,
     inline_ptx_ok,
+    load_xt_pairs,
     m_bucket,
     mma_in,
     pick,
     rows_2d,
     runs_per_step,
     scale_rows,
+    split_k_buffers,
     split_k_for,
-    splitk_reduce,
     store_out,
     store_row,
     swap_ab_shapes,
     tile_configs,
     tile_of_program,
     with_unsplit,
+    x_pairs_ok,
+    xt_pair_ptrs,
 )
 
 _CACHE = cache_for("nf4_matmul")
@@ -120,7 +124,7 @@ def _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, idx, mask, DQ: tl.cons
 
 @triton.jit
 def _nf4_gemv_kernel(
-    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, BS, k_per_split,
     stride_xm, stride_xk, stride_ym,
     DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
@@ -165,7 +169,7 @@ def _nf4_gemv_kernel(
             w = _nf4_spread(wd, lut_ptr)
         qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
         acc += tl.sum(am * qx, axis=1)
-    store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 if not INTERPRET:
@@ -228,7 +232,7 @@ def _nf4_spread(w, lut_ptr):
 
 @triton.jit
 def _nf4_mm_kernel(
-    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, BS, k_per_split,
     stride_xm, stride_xk, stride_ym,
     DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
@@ -249,18 +253,18 @@ def _nf4_mm_kernel(
         part = tl.dot(mma_in(xt), mma_in(tl.trans(w)))
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
         acc += part * am[None, :]
-    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS,
+    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS,
               PARTIAL)
 
 
 @triton.jit
 def _nf4_mmt_kernel(
-    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, BS, k_per_split,
     stride_xm, stride_xk, stride_ym,
     DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IS_BF16: tl.constexpr,
     REG_LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SCALE_B: tl.constexpr,
+    GROUP_M: tl.constexpr, SCALE_B: tl.constexpr, X_PAIRS: tl.constexpr,
 ):
     """Swap-AB tensor-core tiles, ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T``, as int4's
     ``_int4_mmt_kernel``: packed bytes staged by the pipeliner and read straight into the MMA's
@@ -271,15 +275,14 @@ def _nf4_mmt_kernel(
     pid_k, offs_m, offs_n, m_mask, n_mask, rows64 = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     HB: tl.constexpr = BLOCK_K // 2
     q_ptrs = qw_ptr + rows64[:, None] * (K // 2) + tl.arange(0, HB)[None, :]
-    xe_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (2 * tl.arange(0, HB))[:, None] * stride_xk
+    xt_ptrs = xt_pair_ptrs(x_ptr, offs_m, stride_xm, stride_xk, HB, X_PAIRS)
     blocks_per_row = K // BS
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0)
-        xe = tl.load(xe_ptrs + k0 * stride_xk, mask=m_mask[None, :], other=0.0)
-        xo = tl.load(xe_ptrs + (k0 + 1) * stride_xk, mask=m_mask[None, :], other=0.0)
+        xe, xo = load_xt_pairs(x_ptr, xt_ptrs, k0, m_mask, stride_xk, X_PAIRS)
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
         hi, lo = _nf4_byte_codes(qb, lut_ptr, IS_BF16, REG_LUT)
         if SCALE_B:
@@ -287,7 +290,7 @@ def _nf4_mmt_kernel(
             acc = tl.dot(mma_in(scale_rows(lo, am)), mma_in(xo), acc)
         else:
             acc += tl.dot(mma_in(lo), mma_in(xo), tl.dot(mma_in(hi), mma_in(xe))) * am[:, None]
-    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
               HAS_BIAS, PARTIAL)
 
 
@@ -381,33 +384,31 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
         bn, bk = c["BLOCK_N"], gs * ng
         split = _split(c.get("SPLIT_K", 1), k // bk)
         per = triton.cdiv(k // bk, split) * bk
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(n, bn) * m, y)
         reg_lut = bool(c.get("REG_LUT", 0))
         _nf4_gemv_kernel[(triton.cdiv(n, bn), m, split)](
             x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype if reg_lut else torch.float32),
-            bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
-            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_N=bn, GS=gs, NG=ng,
+            bvec, y, partial, cnt, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
+            DQ=dq, HAS_BIAS=bias is not None, PARTIAL=mode, BLOCK_N=bn, GS=gs, NG=ng,
             REG_LUT=reg_lut, IS_BF16=x2.dtype == torch.bfloat16, **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split = _split(c.get("SPLIT_K", 1), k // bk)
         per = triton.cdiv(k // bk, split) * bk
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        partial, cnt, mode = split_k_buffers(split, grid[0], y)
         common = (x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype),
-                  bvec, y, partial, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0))
+                  bvec, y, partial, cnt, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0))
         if c.path == "mm":
-            _nf4_mm_kernel[grid](*common, DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+            _nf4_mm_kernel[grid](*common, DQ=dq, HAS_BIAS=bias is not None, PARTIAL=mode,
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **c.launch_opts())
         else:
-            _nf4_mmt_kernel[grid](*common, DQ=dq, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+            _nf4_mmt_kernel[grid](*common, DQ=dq, HAS_BIAS=bias is not None, PARTIAL=mode,
                                   IS_BF16=x2.dtype == torch.bfloat16, REG_LUT=bool(c.get("REG_LUT", 0)),
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64,
-                                  **c.launch_opts())
-    if split > 1:
-        splitk_reduce(partial, bias, y)
-    return y
+                                  X_PAIRS=x_pairs_ok(x2), **c.launch_opts())
+    return finish_split(mode, partial, bias, y)
 
 
 def nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize: int, out_features: int,

@@ -30,12 +30,13 @@ from ._common import (
     cfg,
     contiguous_rows,
     finish,
+    finish_split,
     m_bucket,
     mma_in,
     pick,
     rows_2d,
+    split_k_buffers,
     split_k_for,
-    splitk_reduce,
     store_out,
     store_row,
     tile_of_program,
@@ -60,7 +61,7 @@ def _value_columns(mb, K_BASE):
 
 @triton.jit
 def _s24_gemv_kernel(
-    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -94,12 +95,12 @@ def _s24_gemv_kernel(
             xg = tl.load(x_row + cols * stride_xk, mask=vm, other=0.0)
         acc += vals.to(tl.float32) * xg.to(tl.float32)
     y = tl.sum(acc, axis=1)
-    store_row(y, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_row(y, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
 def _s24_gemv2_kernel(
-    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -150,7 +151,7 @@ def _s24_gemv2_kernel(
         acc += v0.to(tl.float32) * xa
         acc += v1.to(tl.float32) * xb
     y = tl.sum(acc, axis=1)
-    store_row(y, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_row(y, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -171,7 +172,7 @@ def _s24_step_loads(v_ptrs, m_ptrs, x_ptrs, n_mask, offs_v, offs_w, offs_x, k0, 
 
 @triton.jit
 def _s24_mm_kernel(
-    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -210,13 +211,13 @@ def _s24_mm_kernel(
         # column 4g + p: join picks (a, b) give p = 2a + b
         dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
         acc = tl.dot(mma_in(xt), mma_in(tl.trans(dense)), acc)
-    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS,
+    store_out(acc, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS,
               PARTIAL)
 
 
 @triton.jit
 def _s24_mm2_kernel(
-    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -266,7 +267,7 @@ def _s24_mm2_kernel(
         w3 = tl.where(hi == 12, v1, zero)
         dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
         acc = tl.dot(mma_in(dense), mma_in(tl.trans(xt)), acc)
-    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym,
+    store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
               HAS_BIAS, PARTIAL)
 
 
@@ -378,37 +379,35 @@ def _launch(c: Config, x2, values, meta, bias, y):
     if c.path in ("gemv", "gemv2"):
         bn, bk = c["BLOCK_N"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(n, bn) * m, y)
         kernel = _s24_gemv2_kernel if c.path == "gemv2" else _s24_gemv_kernel
         kernel[(triton.cdiv(n, bn), m, split)](
-            x2, values, meta, bvec, y, partial, m, n, k, per,
+            x2, values, meta, bvec, y, partial, cnt, m, n, k, per,
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
+            HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             **c.launch_opts(),
         )
     elif c.path == "mm2":
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(n, bn) * triton.cdiv(m, bm), y)
         _s24_mm2_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
-            x2, values, meta, bvec, y, partial, m, n, k, per,
+            x2, values, meta, bvec, y, partial, cnt, m, n, k, per,
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(m, bm) * triton.cdiv(n, bn), y)
         _s24_mm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
-            x2, values, meta, bvec, y, partial, m, n, k, per,
+            x2, values, meta, bvec, y, partial, cnt, m, n, k, per,
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **c.launch_opts(),
         )
-    if split > 1:
-        splitk_reduce(partial, bias, y)
-    return y
+    return finish_split(mode, partial, bias, y)
 
 
 def sparse24_matmul(x, values, meta, bias=None, *, config: Config | str | None = None):

@@ -338,7 +338,7 @@ def _ternary_store(acc, offs_r, I: tl.constexpr, R, N, m, pid_k, M, xs, ws_ptr, 
     else:
         ws = tl.load(ws_ptr + n * 0, mask=mask, other=1.0)
     y = acc / (xs * ws)
-    store_row(y, m, n, mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_row(y, m, n, mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -407,7 +407,7 @@ def _ternary_store_tile(acc, offs_m, offs_r, I: tl.constexpr, R, N, M, pid_k, xs
     else:
         ws = tl.load(ws_ptr + n * 0, mask=n_mask, other=1.0)
     y = acc.to(tl.float32) / (xs[:, None] * ws[None, :])
-    store_out(y, offs_m, n, offs_m < M, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_out(y, offs_m, n, offs_m < M, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

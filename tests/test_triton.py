@@ -165,6 +165,49 @@ def test_gemv_runs_per_step(device, dtype, op):
         _check(out, ref, dtype, f"{op} gemv {(m, k, n, g, ng)}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["int4", "nf4", "sparse24"])
+def test_split_k_reduced_by_the_last_split(device, op, monkeypatch):
+    """A K-split launch whose last split per tile sums the partials (one launch) gives the same
+    bits as the two-kernel reduction, and leaves every tile counter at zero for the next launch."""
+    from lowbit.kernels_triton import _common
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels(op)
+    dtype = torch.float16
+    m, k, n = _scale(device, (3, 512, 40), (5, 4096, 1000))
+    if op == "int4":
+        args = to_device(int4_args(m, k, n, dtype, group_size=64, bias=True), device)
+        ref, run = reference.int4_matmul(*args), lambda c: kern.int4_matmul(*args, config=c)
+    elif op == "nf4":
+        args = to_device(nf4_args(m, k, n, dtype, blocksize=64, double_quant=True), device)
+        ref, run = reference.nf4_matmul(*args), lambda c: kern.nf4_matmul(*args, config=c)
+    else:
+        args = to_device(sparse24_args(m, k, n, dtype, bias=True), device)
+        ref, run = reference.sparse24_matmul(*args), lambda c: kern.sparse24_matmul(*args, config=c)
+    split = {"SPLIT_K": 4}
+    if op == "sparse24":
+        configs = [cfg("gemv2", BLOCK_N=16, BLOCK_K=64, num_warps=2, num_stages=1, extra=split),
+                   cfg("mm2", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1, extra=split)]
+    else:
+        configs = [cfg("gemv", BLOCK_N=16, num_warps=2, extra={**split, "NG": 1}),
+                   cfg("mmt", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2, extra=split)]
+    two_kernels = _common.split_k_buffers
+
+    def unfused(split, tiles, y):
+        partial, _, mode = two_kernels(split, tiles, y)
+        return partial, partial, min(mode, 1)
+
+    for c in configs:
+        monkeypatch.setattr(kern, "split_k_buffers", two_kernels)
+        fused = run(c)
+        counters = [t for key, t in _common._tile_counters.items() if key[0] == fused.device.type]
+        assert counters and all(int(t.abs().sum()) == 0 for t in counters), f"{op} {c}: counters not reset"
+        monkeypatch.setattr(kern, "split_k_buffers", unfused)
+        assert torch.equal(fused, run(c)), f"{op} {c}: in-kernel and two-kernel split-K sums differ"
+        _check(fused, ref, dtype, f"{op} {c}")
+
+
 TERNARY_SHAPES = [(1, 256, 40, False), (3, 384, 26, True), (5, 132, 33, False), (2, 100, 7, True),
                   (17, 256, 64, False)]
 TERNARY_SHAPES_GPU = [(1, 4096, 1000, False), (3, 2048, 522, True), (16, 1024, 777, False), (2, 1000, 70, True),
