@@ -61,7 +61,7 @@ def _int4_gemv_kernel(
     M, N, K, G, k_per_split, one_bits,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One row of x against BLOCK_N rows of W; each step is NG runs of GS weights, each run
     within one group (NG > 1: longer contiguous reads per row, fewer steps).
@@ -73,7 +73,8 @@ def _int4_gemv_kernel(
     Split-K (``PARTIAL``): program (n, m, split) covers ``k_per_split`` columns.
     ``one_bits`` is 0x3F800000 (0x4B000000 for EXACT), passed at run time so that it sits in a
     register and ``(v & MASK) | one_bits`` compiles to one LOP3 (two immediates do not fit one).
-    Every load of a step is issued one step ahead, so a step's math never waits on a load.
+    ``STAGES`` > 1: the pipeliner keeps STAGES - 1 steps of loads in flight through shared memory
+    (no registers held for them); else every load of a step is issued one step ahead in registers.
     """
     BK: tl.constexpr = GS * NG
     pid_n = tl.program_id(0)
@@ -88,26 +89,38 @@ def _int4_gemv_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_lo, G, stride_xk,
+    if STAGES > 1:  # Triton's pipeliner stages the loads through shared memory (cp.async)
+        for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+            wd, s, z, xv = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k0, G, stride_xk,
                                             stride_sn, stride_zn, HAS_ZERO, GS, NG)
-    for k0 in range(k_lo, k_hi, BK):
-        wd, s, z, xv = wd_n, s_n, z_n, xv_n
-        k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
-        wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_next, G,
-                                                stride_xk, stride_sn, stride_zn, HAS_ZERO, GS, NG)
-        xv = xv.to(tl.float32)
-        xsum = tl.sum(tl.reshape(xv, [1, NG, GS]), axis=2)  # [1, NG]
-        s = s.to(tl.float32)
-        z = z.to(tl.float32) if HAS_ZERO else 8.0
-        if EXACT:  # float32 activations: exact q (2^23 + q, minus 2^23)
-            q = _spread_nibbles(wd, one_bits, 0, 0xF)
-            qx = tl.sum(tl.reshape((q - 8388608.0) * xv[None, :], [BLOCK_N, NG, GS]), axis=2)
-            acc += tl.sum(s * (qx - z * xsum), axis=1)
-        else:  # 1 + q/16 exactly: the nibble lands in mantissa bits 19..22 of 1.0f
-            q = _spread_nibbles(wd, one_bits, 19, 0x780000)
-            qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, GS]), axis=2) - xsum)
-            acc += tl.sum(s * (qx - z * xsum), axis=1)
+            acc += _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO, EXACT, BLOCK_N, GS, NG)
+    else:
+        wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_lo, G, stride_xk,
+                                                stride_sn, stride_zn, HAS_ZERO, GS, NG)
+        for k0 in range(k_lo, k_hi, BK):
+            wd, s, z, xv = wd_n, s_n, z_n, xv_n
+            k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
+            wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_next, G,
+                                                    stride_xk, stride_sn, stride_zn, HAS_ZERO, GS, NG)
+            acc += _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO, EXACT, BLOCK_N, GS, NG)
     store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+               GS: tl.constexpr, NG: tl.constexpr):
+    """One GEMV step's contribution [BLOCK_N]: per run and row ``s * (sum_k q_k x_k - z * sum_k x_k)``."""
+    xv = xv.to(tl.float32)
+    xsum = tl.sum(tl.reshape(xv, [1, NG, GS]), axis=2)  # [1, NG]
+    s = s.to(tl.float32)
+    z = z.to(tl.float32) if HAS_ZERO else 8.0
+    if EXACT:  # float32 activations: exact q (2^23 + q, minus 2^23)
+        q = _spread_nibbles(wd, one_bits, 0, 0xF)
+        qx = tl.sum(tl.reshape((q - 8388608.0) * xv[None, :], [BLOCK_N, NG, GS]), axis=2)
+    else:  # 1 + q/16 exactly: the nibble lands in mantissa bits 19..22 of 1.0f
+        q = _spread_nibbles(wd, one_bits, 19, 0x780000)
+        qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, GS]), axis=2) - xsum)
+    return tl.sum(s * (qx - z * xsum), axis=1)
 
 
 @triton.jit
@@ -323,11 +336,15 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
     if k % 8 == 0 and gs >= 8:  # int32 words of 8 nibbles, steps of GS within one group
         # Per-thread bytes in flight decide the bandwidth reached: NG=8 runs of 128 weights (512 B a
         # row) per step on 16 rows and 2 warps reads ~1.8 TB/s on an H100 (1 run of 64 B: ~1.4 TB/s).
-        for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 8, 1), (32, 4, 4), (64, 1, 8)):
+        # STAGES: the same steps staged through shared memory by the pipeliner (80 registers instead
+        # of 127-168 on sm_90: more programs, more bytes in flight per SM).
+        for bn, ng, w, st in ((16, 8, 4, 3), (32, 4, 4, 3), (16, 8, 2, 4), (8, 8, 2, 4), (16, 8, 2, 0), (16, 8, 4, 0),
+                              (16, 8, 1, 0), (32, 4, 4, 0), (64, 1, 8, 0)):
             ng = runs_per_step(k // gs, ng)
             programs = triton.cdiv(n, bn) * m
             split = split_k_for(programs, k // (gs * ng), device, max_split=32, per_sm=4)
-            gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra={"SPLIT_K": split, "NG": ng}))
+            extra = {"SPLIT_K": split, "NG": ng, **({"STAGES": st} if st else {})}
+            gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra=extra))
         gemv = with_unsplit(gemv)
     mm: list[Config] = []
     bk_max = _pow2_divisor(g, 128)
@@ -377,7 +394,7 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
             m, n, k, g, per, 0x4B000000 if x2.dtype == torch.float32 else 0x3F800000,
             x2.stride(0), x2.stride(1), qweight.stride(0) // 4, scales.stride(0), zt.stride(0), y.stride(0),
             HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=mode,
-            BLOCK_N=bn, GS=gs, NG=ng, **c.launch_opts(),
+            BLOCK_N=bn, GS=gs, NG=ng, STAGES=c.get("STAGES", 0), **c.launch_opts(),
         )
         return finish_split(mode, partial, bias, y)
     if c.path in ("mm", "mmt"):

@@ -129,9 +129,11 @@ def _nf4_gemv_kernel(
     stride_xm, stride_xk, stride_ym,
     DQ: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, REG_LUT: tl.constexpr, IS_BF16: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One row of x against BLOCK_N rows of W; each step NG runs of GS elements, each run within
-    one absmax block; every load of a step is issued one step ahead. ``REG_LUT``: codes from the
+    one absmax block; the loads of STAGES - 1 steps in flight through shared memory (``STAGES`` > 1:
+    Triton's pipeliner), else every load of a step issued one step ahead in registers. ``REG_LUT``: codes from the
     register table (NVIDIA, float16/bfloat16 x; values rounded to x's dtype as in the ``mm``
     path), else from the float32 table in memory.
 
@@ -153,23 +155,37 @@ def _nf4_gemv_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
-    am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_lo + runs) // BS, n_mask[:, None], DQ)
-    xv_n = tl.load(x_ptrs + k_lo * stride_xk)
-    for k0 in range(k_lo, k_hi, BK):
-        wd, am, xv = wd_n, am_n, xv_n
-        k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
-        wd_n = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
-        am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
-                       n_mask[:, None], DQ)
-        xv_n = tl.load(x_ptrs + k_next * stride_xk)
-        if REG_LUT:
-            w = _nf4_spread_reg(wd, lut_ptr, IS_BF16)
-        else:
-            w = _nf4_spread(wd, lut_ptr)
-        qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
-        acc += tl.sum(am * qx, axis=1)
+    if STAGES > 1:  # Triton's pipeliner stages the loads through shared memory (cp.async)
+        for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+            wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
+            am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k0 + runs) // BS, n_mask[:, None], DQ)
+            xv = tl.load(x_ptrs + k0 * stride_xk)
+            acc += _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
+    else:
+        wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
+        am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_lo + runs) // BS, n_mask[:, None], DQ)
+        xv_n = tl.load(x_ptrs + k_lo * stride_xk)
+        for k0 in range(k_lo, k_hi, BK):
+            wd, am, xv = wd_n, am_n, xv_n
+            k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
+            wd_n = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
+            am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
+                           n_mask[:, None], DQ)
+            xv_n = tl.load(x_ptrs + k_next * stride_xk)
+            acc += _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
     store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GS: tl.constexpr, NG: tl.constexpr):
+    """One GEMV step's contribution [BLOCK_N]: per run and row ``absmax * sum_k code_k x_k``."""
+    if REG_LUT:
+        w = _nf4_spread_reg(wd, lut_ptr, IS_BF16)
+    else:
+        w = _nf4_spread(wd, lut_ptr)
+    qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
+    return tl.sum(am * qx, axis=1)
 
 
 if not INTERPRET:
@@ -339,11 +355,12 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
     gemv = []
     reg_luts = (1, 0) if dtype in (torch.float16, torch.bfloat16) and inline_ptx_ok(device) else (0,)
     for reg_lut in reg_luts:
-        for bn, ng, w in ((16, 8, 2), (16, 8, 4), (16, 4, 2), (32, 4, 4), (64, 1, 8)):
+        for bn, ng, w, st in ((16, 8, 4, 3), (32, 4, 4, 3), (16, 8, 2, 4), (16, 8, 2, 0), (16, 8, 4, 0), (16, 4, 2, 0),
+                              (32, 4, 4, 0), (64, 1, 8, 0)):
             ng = runs_per_step(k // gs, ng)
             split = split_k_for(triton.cdiv(n, bn) * m, k // (gs * ng), device, max_split=32, per_sm=4)
             gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3,
-                            extra={"SPLIT_K": split, "NG": ng, "REG_LUT": reg_lut}))
+                            extra={"SPLIT_K": split, "NG": ng, "REG_LUT": reg_lut, **({"STAGES": st} if st else {})}))
     gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
@@ -390,7 +407,7 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
             x2, qweight, am, am_s, am_c, float(offset), code_table(x2.device, x2.dtype if reg_lut else torch.float32),
             bvec, y, partial, cnt, m, n, k, bs, per, x2.stride(0), x2.stride(1), y.stride(0),
             DQ=dq, HAS_BIAS=bias is not None, PARTIAL=mode, BLOCK_N=bn, GS=gs, NG=ng,
-            REG_LUT=reg_lut, IS_BF16=x2.dtype == torch.bfloat16, **c.launch_opts(),
+            REG_LUT=reg_lut, IS_BF16=x2.dtype == torch.bfloat16, STAGES=c.get("STAGES", 0), **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]

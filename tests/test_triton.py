@@ -145,13 +145,14 @@ def test_swap_ab_tiles_every_candidate(device, dtype, op):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["int4", "nf4"])
 def test_gemv_runs_per_step(device, dtype, op):
-    """The int4/nf4 GEMVs with 1, 2 and 4 group/block runs a step (NG), split-K or not."""
+    """The int4/nf4 GEMVs with 1, 2 and 4 group/block runs a step (NG), split-K or not, loads in
+    registers a step ahead or staged by the pipeliner (STAGES)."""
     from lowbit.kernels_triton._common import cfg
 
     kern = _kernels(op)
-    for m, k, n, g, flag, split, ng in ((1, 256, 40, 32, False, 1, 4), (3, 192, 17, 64, True, 2, 1),
-                                        (2, 512, 9, 64, False, 2, 2)):
-        c = cfg("gemv", BLOCK_N=16, num_warps=2, extra={"SPLIT_K": split, "NG": ng})
+    for m, k, n, g, flag, split, ng, st in ((1, 256, 40, 32, False, 1, 4, 0), (3, 192, 17, 64, True, 2, 1, 0),
+                                            (2, 512, 9, 64, False, 2, 2, 3), (1, 1024, 33, 64, True, 1, 4, 4)):
+        c = cfg("gemv", BLOCK_N=16, num_warps=2, extra={"SPLIT_K": split, "NG": ng, "STAGES": st})
         if op == "int4":
             args = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=flag, bias=True), device)
             out, ref = kern.int4_matmul(*args, config=c), reference.int4_matmul(*args)
@@ -160,7 +161,8 @@ def test_gemv_runs_per_step(device, dtype, op):
             ref = reference.nf4_matmul(*args)
             out = kern.nf4_matmul(*args, config=c)
             if dtype != torch.float32:  # the register code table (values rounded to x's dtype)
-                reg = cfg("gemv", BLOCK_N=16, num_warps=2, extra={"SPLIT_K": split, "NG": ng, "REG_LUT": 1})
+                reg = cfg("gemv", BLOCK_N=16, num_warps=2,
+                          extra={"SPLIT_K": split, "NG": ng, "REG_LUT": 1, "STAGES": st})
                 _check(kern.nf4_matmul(*args, config=reg), ref, dtype, f"nf4 gemv register table {(m, k, n, g)}")
         _check(out, ref, dtype, f"{op} gemv {(m, k, n, g, ng)}")
 
