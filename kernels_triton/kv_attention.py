@@ -82,6 +82,7 @@ mul.f16x2 $3, a3, s1;
 """)
 
 
+
 if not INTERPRET:
 
     @triton.jit
@@ -138,6 +139,29 @@ def _ld8(base, sbase, offs_s, s_mask, st_s, ss_s, offs_d, d_mask, EVEN_D: tl.con
     else:
         t = tl.load(ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0)
     return t, tl.load(sbase + offs_s * ss_s, mask=s_mask, other=0.0)
+
+
+@triton.jit
+def _ld4_pair(k_base, ks_base, kz_base, v_base, vs_base, vz_base, offs_s, kv_hi, sk_s, sks_s, skz_s, sv_s, svs_s,
+              svz_s, NG, GP: tl.constexpr, DT: tl.constexpr, PV_DT: tl.constexpr, ASM: tl.constexpr,
+              EVEN_D: tl.constexpr, SZ_CONTIG: tl.constexpr):
+    """One key/value tile of the int4 cache, dequantized: k_lo, k_hi, v_lo, v_hi [BS, D/2]."""
+    s_mask = offs_s < kv_hi
+    ks, kz = _ld4s(ks_base, kz_base, offs_s, s_mask, sks_s, skz_s, NG, GP, EVEN_D, SZ_CONTIG)
+    vs, vz = _ld4s(vs_base, vz_base, offs_s, s_mask, svs_s, svz_s, NG, GP, EVEN_D, SZ_CONTIG)
+    k_lo, k_hi = _u4_tile(_ld4b(k_base, offs_s, s_mask, sk_s, NG, GP, EVEN_D), ks, kz, DT, ASM)
+    v_lo, v_hi = _u4_tile(_ld4b(v_base, offs_s, s_mask, sv_s, NG, GP, EVEN_D), vs, vz, PV_DT, ASM)
+    return k_lo, k_hi, v_lo, v_hi
+
+
+@triton.jit
+def _ld8_pair(k_base, ks_base, v_base, vs_base, offs_s, kv_hi, sk_s, sks_s, sv_s, svs_s, offs_d, d_mask,
+              DT: tl.constexpr, PV_DT: tl.constexpr, ASM: tl.constexpr, EVEN_D: tl.constexpr):
+    """One key/value tile of the int8 cache, dequantized: kf [BS, BLOCK_D], ks [BS], vf, vs."""
+    s_mask = offs_s < kv_hi
+    kr, ks = _ld8(k_base, ks_base, offs_s, s_mask, sk_s, sks_s, offs_d, d_mask, EVEN_D)
+    vr, vs = _ld8(v_base, vs_base, offs_s, s_mask, sv_s, svs_s, offs_d, d_mask, EVEN_D)
+    return _i8_tile(kr, DT, ASM), ks, _i8_tile(vr, PV_DT, ASM), vs
 
 
 @triton.jit
@@ -295,6 +319,144 @@ def _kv_attn_kernel(
 
 
 @triton.jit
+def _softmax_step_t(sc, valid, m_i, l_i):
+    """``_softmax_step`` of a transposed score tile ``[BS, BM]`` (keys along axis 0)."""
+    sc = tl.where(valid, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(sc - m_use[None, :])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=0)
+
+
+@triton.jit
+def _store_t(acc, offs_d, d_mask, m_i, l_i, rows, row_mask, qi, h, b, pid_bh, pid_s, o_ptr, po_ptr, pml_ptr,
+             ROWS_PAD, NSPLIT, so_b, so_h, so_s, so_d, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+             ML: tl.constexpr):
+    """Store a transposed output tile ``acc [len(offs_d), BM]`` (columns ``offs_d`` of the rows);
+    ML: also the running max and sum (split)."""
+    if SPLIT:
+        base = (pid_bh.to(tl.int64) * NSPLIT + pid_s) * ROWS_PAD
+        tl.store(po_ptr + (base + rows)[None, :] * BLOCK_D + offs_d[:, None], acc, mask=row_mask[None, :])
+        if ML:
+            tl.store(pml_ptr + 2 * base + rows, m_i, mask=row_mask)
+            tl.store(pml_ptr + 2 * base + ROWS_PAD + rows, l_i, mask=row_mask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[None, :]
+        o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64)[None, :] * so_h + qi[None, :] * so_s \
+            + offs_d[:, None] * so_d
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_mask[None, :] & d_mask[:, None])
+
+
+@triton.jit
+def _kv_swap_kernel(
+    q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, o_ptr, po_ptr, pml_ptr,
+    H_KV, GROUPS, S_Q, S_KV, ROWS, ROWS_PAD, kv_per_split, NSPLIT, qk_scale,
+    sq_b, sq_h, sq_s, sq_d,
+    sk_b, sk_h, sk_s, sks_b, sks_h, sks_s, skz_b, skz_h, skz_s,
+    sv_b, sv_h, sv_s, svs_b, svs_h, svs_s, svz_b, svz_h, svz_s,
+    so_b, so_h, so_s, so_d,
+    D,
+    BITS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, PV_DT: tl.constexpr,
+    IEEE: tl.constexpr, ASM: tl.constexpr, EVEN_D: tl.constexpr,
+    SZ_CONTIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Swapped orientation of ``_kv_attn_kernel`` for few query rows (decode): the key tile is
+    the MMA's wide side, ``scores^T [BS, BM] = K [BS, D] @ q^T [D, BM]`` (K dequantized in its
+    natural layout: each thread's pairs along D are one token's bytes), softmax along axis 0, and
+    ``out^T [D, BM] += V^T [D, BS] @ p^T [BS, BM]`` (V dequantized in its natural, coalesced
+    layout; the transposed operand is read from shared memory as 16-bit values)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H_KV
+    hkv = pid_bh % H_KV
+    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < ROWS
+    qi = rows % S_Q
+    h = hkv * GROUPS + rows // S_Q
+    q_col = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64)[None, :] * sq_h + qi[None, :] * sq_s
+
+    kv_lo = pid_s * kv_per_split
+    kv_hi = tl.minimum(kv_lo + kv_per_split, S_KV)
+    if CAUSAL:
+        last = tl.max(tl.where(row_mask, qi, 0), axis=0) + 1 + S_KV - S_Q
+        kv_hi = tl.minimum(kv_hi, last)
+
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    ks_base = ks_ptr + b.to(tl.int64) * sks_b + hkv.to(tl.int64) * sks_h
+    vs_base = vs_ptr + b.to(tl.int64) * svs_b + hkv.to(tl.int64) * svs_h
+    kz_base = kz_ptr + b.to(tl.int64) * skz_b + hkv.to(tl.int64) * skz_h
+    vz_base = vz_ptr + b.to(tl.int64) * svz_b + hkv.to(tl.int64) * svz_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ar_s = tl.arange(0, BLOCK_S)
+    if BITS == 8:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        qt = tl.load(q_col + offs_d[:, None] * sq_d, mask=row_mask[None, :] & d_mask[:, None], other=0.0).to(DT)
+        acc = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        # The dequantized tiles are loop-carried (tile i + 1 is converted at the end of step i): a
+        # dot operand that is a loop-carried value is read from shared memory, so Triton stores the
+        # float16 tiles as converted (16 codes a thread) instead of moving the operand's register
+        # layout above the conversion (bytes gathered two at a time, then repacked).
+        kf, ks, vf, vs = _ld8_pair(k_base, ks_base, v_base, vs_base, kv_lo + ar_s, kv_hi, sk_s, sks_s, sv_s, svs_s,
+                                   offs_d, d_mask, DT, PV_DT, ASM, EVEN_D)
+        for s0 in range(kv_lo, kv_hi, BLOCK_S):
+            offs_s = s0 + ar_s
+            s_mask = offs_s < kv_hi
+            sc = _dot(kf, qt, None, IEEE)
+            sc = sc * (ks.to(tl.float32) * qk_scale)[:, None]
+            valid = s_mask[:, None]
+            if CAUSAL:
+                valid = valid & (offs_s[:, None] <= (qi + S_KV - S_Q)[None, :])
+            p, alpha, m_i, l_i = _softmax_step_t(sc, valid, m_i, l_i)
+            p = (p * vs.to(tl.float32)[:, None]).to(PV_DT)
+            acc = _dot(tl.trans(vf), p, acc * alpha[None, :], IEEE)
+            kf, ks, vf, vs = _ld8_pair(k_base, ks_base, v_base, vs_base, offs_s + BLOCK_S, kv_hi, sk_s, sks_s, sv_s,
+                                       svs_s, offs_d, d_mask, DT, PV_DT, ASM, EVEN_D)
+        _store_t(acc, offs_d, d_mask, m_i, l_i, rows, row_mask, qi, h, b, pid_bh, pid_s, o_ptr, po_ptr, pml_ptr,
+                 ROWS_PAD, NSPLIT, so_b, so_h, so_s, so_d, SPLIT, BLOCK_D, 1)
+    else:
+        HD: tl.constexpr = BLOCK_D // 2
+        GP: tl.constexpr = BLOCK_D // 32
+        NG = D // 32
+        offs_h = tl.arange(0, HD)
+        h_mask = 2 * offs_h < D
+        qm = row_mask[None, :] & h_mask[:, None]
+        q_lo = tl.load(q_col + (2 * offs_h)[:, None] * sq_d, mask=qm, other=0.0).to(DT)
+        q_hi = tl.load(q_col + (2 * offs_h + 1)[:, None] * sq_d, mask=qm, other=0.0).to(DT)
+        acc_lo = tl.zeros([HD, BLOCK_M], dtype=tl.float32)
+        acc_hi = tl.zeros([HD, BLOCK_M], dtype=tl.float32)
+        # dequantized tiles loop-carried, as in the int8 branch
+        k_lo, k_hi, v_lo, v_hi = _ld4_pair(k_base, ks_base, kz_base, v_base, vs_base, vz_base, kv_lo + ar_s, kv_hi,
+                                           sk_s, sks_s, skz_s, sv_s, svs_s, svz_s, NG, GP, DT, PV_DT, ASM, EVEN_D,
+                                           SZ_CONTIG)
+        for s0 in range(kv_lo, kv_hi, BLOCK_S):
+            offs_s = s0 + ar_s
+            s_mask = offs_s < kv_hi
+            sc = _dot(k_lo, q_lo, None, IEEE)
+            sc = _dot(k_hi, q_hi, sc, IEEE) * qk_scale
+            valid = s_mask[:, None]
+            if CAUSAL:
+                valid = valid & (offs_s[:, None] <= (qi + S_KV - S_Q)[None, :])
+            p, alpha, m_i, l_i = _softmax_step_t(sc, valid, m_i, l_i)
+            p = p.to(PV_DT)
+            acc_lo = _dot(tl.trans(v_lo), p, acc_lo * alpha[None, :], IEEE)
+            acc_hi = _dot(tl.trans(v_hi), p, acc_hi * alpha[None, :], IEEE)
+            k_lo, k_hi, v_lo, v_hi = _ld4_pair(k_base, ks_base, kz_base, v_base, vs_base, vz_base, offs_s + BLOCK_S,
+                                               kv_hi, sk_s, sks_s, skz_s, sv_s, svs_s, svz_s, NG, GP, DT, PV_DT, ASM,
+                                               EVEN_D, SZ_CONTIG)
+        _store_t(acc_lo, 2 * offs_h, h_mask, m_i, l_i, rows, row_mask, qi, h, b, pid_bh, pid_s, o_ptr, po_ptr,
+                 pml_ptr, ROWS_PAD, NSPLIT, so_b, so_h, so_s, so_d, SPLIT, BLOCK_D, 1)
+        _store_t(acc_hi, 2 * offs_h + 1, h_mask, m_i, l_i, rows, row_mask, qi, h, b, pid_bh, pid_s, o_ptr, po_ptr,
+                 pml_ptr, ROWS_PAD, NSPLIT, so_b, so_h, so_s, so_d, SPLIT, BLOCK_D, 0)
+
+
+@triton.jit
 def _kv_combine_kernel(
     po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS_PAD, NSPLIT, D,
     so_b, so_h, so_s, so_d,
@@ -336,10 +498,11 @@ _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.device,
                dtype: torch.dtype = torch.float16) -> list[Config]:
-    """Row tile, key tile and split count. Decode-sized calls (few ``batch * kv_heads`` programs)
-    cut the context so that about 2 or 4 programs per multiprocessor run, each over >= 2 key
-    tiles (the loads of the next tile are in flight while one is computed); calls with enough
-    programs also get one unsplit launch (no combine kernel)."""
+    """Row tile, key tile and split count (path "swap": the swapped-orientation kernel, for at
+    most 16 rows and 16-bit queries; its tiles are 64 or 128 keys). Decode-sized calls (few
+    ``batch * kv_heads`` programs) cut the context so that about 2 or 4 programs per
+    multiprocessor run, each over >= 2 key tiles (the loads of the next tile are in flight while
+    one is computed); calls with enough programs also get one unsplit launch (no combine kernel)."""
     out = []
     bm_list = (16,) if rows <= 16 else ((32, 64) if rows <= 64 else (64, 128))
     bs_list = (64, 128) if d <= 128 else (32, 64)
@@ -347,6 +510,21 @@ def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.de
         bm_list = tuple(min(bm, 32) for bm in bm_list[:1])
         bs_list = (32, 64)
     sms = num_sms(device)
+    if rows <= 16 and dtype != torch.float32 and d <= 128:
+        # swapped orientation (_kv_swap_kernel): key tile on the wgmma's 64-wide side
+        programs = b * h_kv
+        for bs, warps, per_sms in ((64, 4, (2, 4)), (128, 8, (2,))):
+            blocks = triton.cdiv(s_kv, bs)
+            seen = set()
+            for per_sm in per_sms:
+                split_blocks = max(2, triton.cdiv(blocks, triton.cdiv(per_sm * sms, programs)))
+                if triton.cdiv(blocks, split_blocks) <= 1 or split_blocks in seen:
+                    continue
+                seen.add(split_blocks)
+                out.append(cfg("swap", BLOCK_M=16, BLOCK_S=bs, num_warps=warps, num_stages=2,
+                               extra={"BLOCKS_PER_SPLIT": split_blocks}))
+            if programs >= sms or not seen:
+                out.append(cfg("swap", BLOCK_M=16, BLOCK_S=bs, num_warps=warps, num_stages=2))
     for bm in bm_list:
         warps = 4 if bm <= 64 else 8
         for bs in bs_list:
@@ -392,7 +570,8 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
     even_d = block_d == d
     ng = d // 32
     sz_contig = bits == 4 and even_d and all(t.stride(2) == ng for t in (k_scale, kz, v_scale, vz))
-    _kv_attn_kernel[(triton.cdiv(rows, bm), b * h_kv, nsplit)](
+    kernel = _kv_swap_kernel if c.path == "swap" else _kv_attn_kernel
+    kernel[(triton.cdiv(rows, bm), b * h_kv, nsplit)](
         q, k, k_scale, kz, v, v_scale, vz, out, po, pml,
         h_kv, groups, s_q, s_kv, rows, rows_pad, per_split, nsplit, scale * _LOG2E,
         *q.stride(),

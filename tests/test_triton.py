@@ -391,6 +391,12 @@ def _kv_configs(kern, shape, device, dtype):
                                                         extra={"BLOCKS_PER_SPLIT": 2})]
     if s_kv > 1024:  # > 64 splits: the combine kernel's chunk loop
         forced[1] = cfg("split", BLOCK_M=bm, BLOCK_S=16 if device == "cpu" else 64, extra={"BLOCKS_PER_SPLIT": 1})
+    # the swapped-orientation kernel (one row tile of 16, or several with causal prefill rows)
+    sbs = 32 if device == "cpu" or dtype == torch.float32 else 64
+    forced += [cfg("swap", BLOCK_M=16, BLOCK_S=sbs),
+               cfg("swap", BLOCK_M=16, BLOCK_S=sbs, extra={"BLOCKS_PER_SPLIT": 2})]
+    if dtype != torch.float32:  # (float32 tiles of 128 keys exceed shared memory)
+        forced.append(cfg("swap", BLOCK_M=16, BLOCK_S=128, num_warps=8, extra={"BLOCKS_PER_SPLIT": 1}))
     if device == "cpu":
         return forced
     return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device), dtype)
