@@ -4,7 +4,7 @@
 # Run from the repository root on the GPU machine; tables and logs land in $OUT/results.tgz.
 #   LOWBIT_CUDA=ON       also build the native CUDA kernels (their tests run too)
 #   TESTS="tests/x.py"   the compiled tests to run ("" skips them)
-#   OPS, SHAPES, MS      matmul benchmark selection; GRAPH_MS: M values of the --graph run
+#   OPS, SHAPES, MS      matmul benchmark selection; GRAPH_MS: M values of the --graph run ("" skips it)
 #   KV=0                 skip the KV benchmarks
 # A bitsandbytes build under .peers/ (carried) becomes the nf4 peer.
 set -uo pipefail
@@ -17,7 +17,7 @@ REPO=$(pwd)
 OPS=${OPS:-"int4 nf4 ternary sparse24"}
 SHAPES=${SHAPES:-"4096x4096 14336x4096 4096x14336 28672x8192 8192x28672"}
 MS=${MS:-"1 16 256 2048"}
-GRAPH_MS=${GRAPH_MS:-"1 16"}
+GRAPH_MS=${GRAPH_MS-"1 16"}
 TESTS=${TESTS-tests/test_triton.py}
 KV=${KV:-1}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$R/gpu.txt"
