@@ -497,9 +497,9 @@ _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.device,
-               dtype: torch.dtype = torch.float16) -> list[Config]:
+               dtype: torch.dtype = torch.float16, bits: int = 8) -> list[Config]:
     """Row tile, key tile and split count (path "swap": the swapped-orientation kernel, for at
-    most 16 rows and 16-bit queries; its tiles are 64 or 128 keys). Decode-sized calls (few
+    most 16 rows, 16-bit queries and int8 caches; its tiles are 64 or 128 keys). Decode-sized calls (few
     ``batch * kv_heads`` programs) cut the context so that about 2 or 4 programs per
     multiprocessor run, each over >= 2 key tiles (the loads of the next tile are in flight while
     one is computed); calls with enough programs also get one unsplit launch (no combine kernel)."""
@@ -510,7 +510,7 @@ def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.de
         bm_list = tuple(min(bm, 32) for bm in bm_list[:1])
         bs_list = (32, 64)
     sms = num_sms(device)
-    if rows <= 16 and dtype != torch.float32 and d <= 128:
+    if rows <= 16 and dtype != torch.float32 and d <= 128 and bits == 8:
         # swapped orientation (_kv_swap_kernel): key tile on the wgmma's 64-wide side
         programs = b * h_kv
         for bs, warps, per_sms in ((64, 4, (2, 4)), (128, 8, (2,))):
@@ -570,6 +570,8 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
     even_d = block_d == d
     ng = d // 32
     sz_contig = bits == 4 and even_d and all(t.stride(2) == ng for t in (k_scale, kz, v_scale, vz))
+    if c.path == "swap" and bits == 4:  # (its int4 build faulted on an H100 with Triton 3.6)
+        raise ValueError("lowbit.kernels_triton.kv_attention: the 'swap' path takes int8 caches only")
     kernel = _kv_swap_kernel if c.path == "swap" else _kv_attn_kernel
     kernel[(triton.cdiv(rows, bm), b * h_kv, nsplit)](
         q, k, k_scale, kz, v, v_scale, vz, out, po, pml,
@@ -610,7 +612,7 @@ def kv_attention(q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool = False
     sm_scale = d ** -0.5 if scale is None else float(scale)
     out = torch.empty((b, h_q, s_q, d), dtype=q.dtype, device=q.device)
     rows = (h_q // h_kv) * s_q
-    cands = lambda: candidates(b, h_kv, rows, s_kv, d, q.device, q.dtype)
+    cands = lambda: candidates(b, h_kv, rows, s_kv, d, q.device, q.dtype, bits)
     key = (b, h_kv, rows, s_q, s_kv, d, bits, bool(causal), q.dtype, q.device)
     run = lambda c: _launch(c, q, k, k_scale, k_zero, v, v_scale, v_zero, causal, sm_scale, out)
     c = pick(_CACHE, key, cands, run, q.device, config)

@@ -382,7 +382,7 @@ KV_SHAPES_GPU = [(3, 32, 8, 1, 4100, 128, 8, False), (2, 32, 8, 1, 3000, 128, 4,
 
 
 def _kv_configs(kern, shape, device, dtype):
-    b, h_q, h_kv, s_q, s_kv, d, _bits, _causal = shape
+    b, h_q, h_kv, s_q, s_kv, d, bits, _causal = shape
     from lowbit.kernels_triton._common import cfg
 
     rows = (h_q // h_kv) * s_q
@@ -393,13 +393,23 @@ def _kv_configs(kern, shape, device, dtype):
         forced[1] = cfg("split", BLOCK_M=bm, BLOCK_S=16 if device == "cpu" else 64, extra={"BLOCKS_PER_SPLIT": 1})
     # the swapped-orientation kernel (one row tile of 16, or several with causal prefill rows)
     sbs = 32 if device == "cpu" or dtype == torch.float32 else 64
-    forced += [cfg("swap", BLOCK_M=16, BLOCK_S=sbs),
-               cfg("swap", BLOCK_M=16, BLOCK_S=sbs, extra={"BLOCKS_PER_SPLIT": 2})]
-    if dtype != torch.float32:  # (float32 tiles of 128 keys exceed shared memory)
-        forced.append(cfg("swap", BLOCK_M=16, BLOCK_S=128, num_warps=8, extra={"BLOCKS_PER_SPLIT": 1}))
+    if bits == 8:
+        forced += [cfg("swap", BLOCK_M=16, BLOCK_S=sbs),
+                   cfg("swap", BLOCK_M=16, BLOCK_S=sbs, extra={"BLOCKS_PER_SPLIT": 2})]
+        if dtype != torch.float32:  # (float32 tiles of 128 keys exceed shared memory)
+            forced.append(cfg("swap", BLOCK_M=16, BLOCK_S=128, num_warps=8, extra={"BLOCKS_PER_SPLIT": 1}))
     if device == "cpu":
         return forced
-    return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device), dtype)
+    return forced + kern.candidates(b, h_kv, rows, s_kv, d, torch.device(device), dtype, bits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_swap_path_refuses_int4(device):
+    from lowbit.kernels_triton._common import cfg
+
+    args = to_device(kv_args(1, 8, 2, 1, 64, 64, torch.float16, bits=4, causal=False), device)
+    with pytest.raises(ValueError, match="int8 caches only"):
+        _kernels("kv_attention").kv_attention(*args, config=cfg("swap", BLOCK_M=16, BLOCK_S=32))
 
 
 @pytest.mark.parametrize("device", DEVICES)
