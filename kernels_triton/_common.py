@@ -507,58 +507,6 @@ def finish_split(mode: int, partial: torch.Tensor, bias: torch.Tensor | None, y:
     return y
 
 
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def dense_in_chunks(x2: torch.Tensor, n: int, make_rows: Callable[[int, int, torch.Tensor], object],
-                    bias: torch.Tensor | None, chunks: int) -> torch.Tensor:
-    """``x2 @ W.T (+ bias)`` from ``chunks`` row blocks of the dense weight, each made by
-    ``make_rows(n0, n1, out)`` into one of two buffers and multiplied by cuBLAS into its columns
-    of the output. On CUDA the blocks are made on a side stream while the previous block's GEMM
-    runs: a large-M GEMM is compute-bound, so the dequantization (memory-bound) hides under it
-    instead of adding its pass over the weight, and only two blocks of the dense weight exist."""
-    m, k = x2.shape
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    rows = triton.cdiv(n, chunks)
-    bufs = [torch.empty((rows, k), dtype=x2.dtype, device=x2.device) for _ in range(min(2, chunks))]
-    cuda = x2.device.type == "cuda"
-    if cuda:
-        cur = torch.cuda.current_stream(x2.device)
-        idx = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-        side = _side_streams.get(idx)
-        if side is None:
-            side = _side_streams[idx] = torch.cuda.Stream(x2.device)
-        side.wait_stream(cur)  # the weight and x2 are ready
-        made = [torch.cuda.Event() for _ in bufs]
-        freed = [torch.cuda.Event() for _ in bufs]
-    for i, n0 in enumerate(range(0, n, rows)):
-        n1 = min(n, n0 + rows)
-        j = i % len(bufs)
-        w = bufs[j][: n1 - n0]
-        if cuda:
-            with torch.cuda.stream(side):
-                if i >= len(bufs):
-                    side.wait_event(freed[j])  # the GEMM that read this buffer is done
-                make_rows(n0, n1, w)
-                made[j].record(side)
-            cur.wait_event(made[j])
-        else:
-            make_rows(n0, n1, w)
-        if bias is not None:
-            torch.addmm(bias[n0:n1], x2, w.t(), out=y[:, n0:n1])
-        else:
-            torch.mm(x2, w.t(), out=y[:, n0:n1])
-        if cuda:
-            freed[j].record(cur)
-    return y
-
-
-def dense_chunks(m: int, n: int, k: int) -> int:
-    """Row blocks for :func:`dense_in_chunks`: enough to overlap (8 on large weights), each block
-    at least 1024 rows (a GEMM that still fills the GPU)."""
-    return max(2, min(8, n // 1024))
-
-
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
     """``x [..., K]`` as ``[M, K]`` (a view where the strides allow it)."""
     return x.reshape(-1, x.shape[-1])

@@ -31,8 +31,6 @@ from ._common import (
     cache_for,
     cfg,
     contiguous_rows,
-    dense_chunks,
-    dense_in_chunks,
     finish,
     finish_split,
     load_xt_pairs,
@@ -310,17 +308,12 @@ def _int4_dequant_kernel(
     tl.store(w_ptr + rows64[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=wmask)
 
 
-def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype,
-               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense ``[N, K]`` weight in ``dtype`` (computed in float32 like the reference); ``rows=(n0,
-    n1)``: only those rows, into ``out`` if given."""
-    if rows is not None:
-        qweight, scales = qweight[rows[0]:rows[1]], scales[rows[0]:rows[1]]
-        zeros = zeros[rows[0]:rows[1]] if zeros is not None else None
+def dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` (computed in float32 like the reference)."""
     qweight, scales = contiguous_rows(qweight), contiguous_rows(scales)
     zeros = contiguous_rows(zeros) if zeros is not None else None
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    w = out if out is not None else torch.empty((n, k), dtype=dtype, device=qweight.device)
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
     bn, bh = 16, 256
     pow2 = group_size & (group_size - 1) == 0
     gl = min(group_size // 2, bh) if pow2 else 0
@@ -375,7 +368,7 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
         return gemv + mm + (dense if m > 1 or not gemv else [])
     if m <= 256:
         return mm + gemv + dense
-    return dense + [cfg("dense2")] + mm  # dense2: dequantize in row blocks under the GEMMs
+    return dense + mm
 
 
 def _split(split: int, steps: int, step: int) -> int:
@@ -419,9 +412,6 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALE_B=bm >= 64, **extra, **c.launch_opts(),
         )
         return finish_split(mode, partial, bias, y)
-    if c.path == "dense2":
-        make = lambda n0, n1, out: dequantize(qweight, scales, zeros, g, x2.dtype, rows=(n0, n1), out=out)
-        return dense_in_chunks(x2, n, make, bias, dense_chunks(m, n, k))
     w = dequantize(qweight, scales, zeros, g, x2.dtype)
     return F.linear(x2, w, bias)
 

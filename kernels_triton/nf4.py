@@ -25,8 +25,6 @@ from ._common import (
     Config,
     cache_for,
     cfg,
-    dense_chunks,
-    dense_in_chunks,
     finish,
     finish_split,
     inline_ptx_ok,
@@ -314,22 +312,21 @@ def _nf4_mmt_kernel(
 
 @triton.jit
 def _nf4_dequant_kernel(
-    qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, w_ptr, FIRST, END, BS,
+    qw_ptr, am_ptr, am_scale_ptr, am_code_ptr, am_offset, lut_ptr, w_ptr, NUMEL, BS,
     DQ: tl.constexpr, BLOCK: tl.constexpr, GL: tl.constexpr,
 ):
-    """Flat decode of elements ``FIRST .. END - 1`` (``FIRST`` a multiple of the blocksize) into
-    ``w_ptr[0 .. END - FIRST)``, ``BLOCK`` bytes (2*BLOCK elements) per program, any shape: runs
-    of ``GL`` bytes that each lie in one absmax block, so the absmax (and its double-quant decode)
-    is loaded once per run and broadcast instead of once per element."""
+    """Flat decode of ``BLOCK`` bytes (2*BLOCK elements) per program, any shape: runs of ``GL``
+    bytes that each lie in one absmax block, so the absmax (and its double-quant decode) is
+    loaded once per run and broadcast instead of once per element."""
     R: tl.constexpr = BLOCK // GL
-    start = FIRST // 2 + tl.program_id(0).to(tl.int64) * BLOCK
+    start = tl.program_id(0).to(tl.int64) * BLOCK
     offs_b = start + tl.arange(0, R)[:, None] * GL + tl.arange(0, GL)[None, :]
-    b = tl.load(qw_ptr + offs_b, mask=2 * offs_b < END, other=0).to(tl.int32)
+    b = tl.load(qw_ptr + offs_b, mask=2 * offs_b < NUMEL, other=0).to(tl.int32)
     e_run = 2 * (start + tl.arange(0, R) * GL)
-    am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, e_run // BS, e_run < END, DQ)
+    am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, e_run // BS, e_run < NUMEL, DQ)
     w = tl.interleave(tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))) * am[:, None]  # [R, 2GL]
     offs = 2 * start + tl.arange(0, R)[:, None] * (2 * GL) + tl.arange(0, 2 * GL)[None, :]
-    tl.store(w_ptr + (offs - FIRST), w.to(w_ptr.dtype.element_ty), mask=offs < END)
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=offs < NUMEL)
 
 
 def _dq_args(absmax, absmax_scale, absmax_code):
@@ -337,18 +334,15 @@ def _dq_args(absmax, absmax_scale, absmax_code):
     return (absmax, absmax_scale if dq else absmax, absmax_code if dq else absmax), dq
 
 
-def dequantize(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, shape, dtype,
-               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense ``shape`` weight in ``dtype`` (float32 math, then one rounding); ``rows=(n0, n1)``:
-    only those rows (``n0 * K`` a multiple of the blocksize), into ``out`` if given."""
+def dequantize(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, shape, dtype) -> torch.Tensor:
+    """Dense ``shape`` weight in ``dtype`` (float32 math, then one rounding)."""
     n, k = shape
-    n0, n1 = rows if rows is not None else (0, n)
-    w = out if out is not None else torch.empty((n1 - n0, k), dtype=dtype, device=qweight.device)
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
     (am, am_s, am_c), dq = _dq_args(absmax, absmax_scale, absmax_code)
     block = 512
-    _nf4_dequant_kernel[(triton.cdiv((n1 - n0) * k // 2, block),)](
-        qweight, am, am_s, am_c, float(absmax_offset), code_table(qweight.device, torch.float32), w, n0 * k, n1 * k,
-        blocksize, DQ=dq, BLOCK=block, GL=min(blocksize // 2, block), num_warps=4,
+    _nf4_dequant_kernel[(triton.cdiv(qweight.numel(), block),)](
+        qweight, am, am_s, am_c, float(absmax_offset), code_table(qweight.device, torch.float32), w, n * k, blocksize,
+        DQ=dq, BLOCK=block, GL=min(blocksize // 2, block), num_warps=4,
     )
     return w
 
@@ -386,7 +380,7 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
         return gemv + mm + (dense if m > 1 else [])
     if m <= 256:
         return mm + gemv + dense
-    return dense + [cfg("dense2")] + mm  # dense2: dequantize in row blocks under the GEMMs
+    return dense + mm
 
 
 def _split(split: int, steps: int) -> int:
@@ -400,10 +394,6 @@ def _launch(c: Config, x2, qweight, absmax, absmax_scale, absmax_code, offset, b
     if c.path == "dense":
         w = dequantize(qweight, absmax, absmax_scale, absmax_code, offset, bs, (n, k), x2.dtype)
         return F.linear(x2, w, bias)
-    if c.path == "dense2":
-        make = lambda n0, n1, out: dequantize(qweight, absmax, absmax_scale, absmax_code, offset, bs, (n, k),
-                                              x2.dtype, rows=(n0, n1), out=out)
-        return dense_in_chunks(x2, n, make, bias, dense_chunks(m, n, k))
     bvec = bias if bias is not None else am
     if c.path == "gemv":
         gs = min(bs, 128)

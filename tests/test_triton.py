@@ -210,32 +210,6 @@ def test_split_k_reduced_by_the_last_split(device, op, monkeypatch):
         _check(fused, ref, dtype, f"{op} {c}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["int4", "nf4"])
-def test_dense_in_row_blocks(device, op):
-    """The large-M ``dense2`` path: the weight dequantized in row blocks into two alternating
-    buffers (on a side stream on CUDA) and multiplied block by block into the output's columns:
-    as one dequantize + F.linear up to the GEMM's summation order, with and without bias, odd N."""
-    from lowbit.kernels_triton._common import cfg
-
-    kern = _kernels(op)
-    for dtype in (torch.float16, torch.float32):
-        for m, k, n, bias in _scale(device, ((3, 128, 70, True), (2, 64, 33, False)),
-                                    ((300, 1024, 3000, True), (513, 512, 4100, False))):
-            if op == "int4":
-                args = to_device(int4_args(m, k, n, dtype, group_size=64, bias=bias), device)
-                run = lambda c: kern.int4_matmul(*args, config=c)
-                ref = reference.int4_matmul(*args)
-            else:
-                args = to_device(nf4_args(m, k, n, dtype, blocksize=64, double_quant=True, bias=bias), device)
-                run = lambda c: kern.nf4_matmul(*args, config=c)
-                ref = reference.nf4_matmul(*args)
-            out = run(cfg("dense2"))
-            err = rel_err(out, run(cfg("dense")))
-            assert err < (1e-5 if dtype == torch.float32 else 2e-3), f"{op} dense2 {(m, k, n, bias, dtype)}: {err}"
-            _check(out, ref, dtype, f"{op} dense2 {(m, k, n, bias)}")
-
-
 TERNARY_SHAPES = [(1, 256, 40, False), (3, 384, 26, True), (5, 132, 33, False), (2, 100, 7, True),
                   (17, 256, 64, False)]
 TERNARY_SHAPES_GPU = [(1, 4096, 1000, False), (3, 2048, 522, True), (16, 1024, 777, False), (2, 1000, 70, True),
