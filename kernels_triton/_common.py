@@ -149,15 +149,33 @@ def bench(fn: Callable[[], object], device: torch.device) -> tuple[float, float]
 
 
 #: Candidates within this factor of the best device time are compared on host time.
-_TIE = 1.05
+_TIE = 1.02
+#: Candidates within this factor of the best first measurement are timed again.
+_CLOSE = 1.08
+
+
+def _second_look(timed: list[tuple[Config, float, float]], run: Callable[[Config], object],
+                 device: torch.device, most: int = 4) -> list[tuple[Config, float, float]]:
+    """``timed`` with the device times of the (up to ``most``) candidates within 8% of the best
+    replaced by the mean of two measurements: one pass's median moves by a few percent, enough to
+    keep a kernel 5-9% slower (seen on an H100: the int4 GEMV of 28672x8192, 65.6 vs 71.8 us)."""
+    if len(timed) < 2:
+        return timed
+    low = min(d for _, d, _ in timed)
+    close = sorted((t for t in timed if t[1] <= low * _CLOSE), key=lambda t: t[1])[:most]
+    if len(close) < 2:
+        return timed
+    again = {id(c): (d + _device_time(lambda c=c: run(c), device)) / 2 for c, d, _ in close}
+    return [(c, again.get(id(c), d), h) for c, d, h in timed]
 
 
 def best_of(timed: Sequence[tuple[Config, float, float]]) -> Config:
     """The candidate to keep from (config, device s, host s) triples: the lowest device time -
     what the GPU is busy for, all a CUDA graph replays, and what an eager caller pays once its
-    host runs ahead of the GPU; among those within 5% of it, the lowest host time (e.g. one
-    launch instead of two). (Scoring by ``max(device, host)`` let this VM's slow host time -
-    35-100 us a call - pick kernels 3x slower on the device.)"""
+    host runs ahead of the GPU; among those within 2% of it, the lowest host time. (Scoring by
+    ``max(device, host)`` let this VM's slow host time - 35-100 us a call - pick kernels 3x
+    slower on the device; a 5% tie band kept GEMVs 5-9% slower once split-K needed no second
+    launch.)"""
     low = min(d for _, d, _ in timed)
     return min((t for t in timed if t[1] <= low * _TIE), key=lambda t: t[2])[0]
 
@@ -197,6 +215,7 @@ class ConfigCache:
                 continue
             results.append((str(c), max(d, h)))
             timed.append((c, d, h))
+        timed = _second_look(timed, run, device)
         best = best_of(timed) if timed else candidates[0]
         self._chosen[key] = best
         self.timings[key] = results
