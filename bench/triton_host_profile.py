@@ -56,9 +56,9 @@ def main() -> None:
         f"_launch {gemv}": lambda: k4._launch(gemv, x, qw, s, z, g, None, y),
     }
     rows["raw gemv kernel[grid](...)"] = lambda: k4._int4_gemv_kernel[(32, 1, 1)](
-        x, qw, s, z, s, y, y, 1, 4096, 4096, 128, 4096, 0x3F800000, x.stride(0), x.stride(1), qw.stride(0) // 4,
-        s.stride(0), z.stride(0), y.stride(0), HAS_ZERO=True, HAS_BIAS=False, EXACT=False, PARTIAL=False,
-        BLOCK_N=128, GS=128, NG=1, num_warps=8, num_stages=3)
+        x, qw, s, z, s, y, y, y, 1, 4096, 4096, 128, 4096, 0x3F800000, x.stride(0), x.stride(1),
+        qw.stride(0) // 4, s.stride(0), z.stride(0), y.stride(0), HAS_ZERO=True, HAS_BIAS=False, EXACT=False,
+        PARTIAL=0, BLOCK_N=128, GS=128, NG=1, STAGES=0, num_warps=8, num_stages=3)
     kargs = to_device(kv_args(1, 32, 8, 1, 4096, 128, torch.float16, bits=8), "cuda")
     rows["torch.ops.lowbit.kv_attention int8"] = lambda: torch.ops.lowbit.kv_attention.default(*kargs)
     qf = kargs[0]
