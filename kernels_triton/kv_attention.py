@@ -213,6 +213,33 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _kv_program(H_KV, GROUPS, S_Q, S_KV, ROWS, kv_per_split, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's (batch * kv head, split, batch, kv head, rows of the flattened (head in the
+    GQA group, query position) space, their mask, query positions, query heads, key range)."""
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H_KV
+    hkv = pid_bh % H_KV
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < ROWS
+    qi = rows % S_Q
+    h = hkv * GROUPS + rows // S_Q
+    kv_lo = pid_s * kv_per_split
+    kv_hi = tl.minimum(kv_lo + kv_per_split, S_KV)
+    if CAUSAL:
+        last = tl.max(tl.where(row_mask, qi, 0), axis=0) + 1 + S_KV - S_Q
+        kv_hi = tl.minimum(kv_hi, last)
+    return pid_bh, pid_s, b, hkv, rows, row_mask, qi, h, kv_lo, kv_hi
+
+
+@triton.jit
+def _kv_bases(c_ptr, s_ptr, z_ptr, b, hkv, sc_b, sc_h, ss_b, ss_h, sz_b, sz_h):
+    """The (batch, kv head) bases of a cache's codes, scales and zeros."""
+    b64, h64 = b.to(tl.int64), hkv.to(tl.int64)
+    return c_ptr + b64 * sc_b + h64 * sc_h, s_ptr + b64 * ss_b + h64 * ss_h, z_ptr + b64 * sz_b + h64 * sz_h
+
+
+@triton.jit
 def _kv_attn_kernel(
     q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, o_ptr, po_ptr, pml_ptr,
     H_KV, GROUPS, S_Q, S_KV, ROWS, ROWS_PAD, kv_per_split, NSPLIT, qk_scale,
@@ -228,29 +255,11 @@ def _kv_attn_kernel(
 ):
     """Triton pipelines the raw loads of a tile (bytes, scales, zeros: cp.async into shared
     memory, ``num_stages``); the codes become float16 in the dot's operand layout (PTX, ASM)."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // H_KV
-    hkv = pid_bh % H_KV
-    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < ROWS
-    qi = rows % S_Q
-    h = hkv * GROUPS + rows // S_Q
+    pid_bh, pid_s, b, hkv, rows, row_mask, qi, h, kv_lo, kv_hi = _kv_program(
+        H_KV, GROUPS, S_Q, S_KV, ROWS, kv_per_split, CAUSAL, BLOCK_M)
     q_row = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64)[:, None] * sq_h + qi[:, None] * sq_s
-
-    kv_lo = pid_s * kv_per_split
-    kv_hi = tl.minimum(kv_lo + kv_per_split, S_KV)
-    if CAUSAL:
-        last = tl.max(tl.where(row_mask, qi, 0), axis=0) + 1 + S_KV - S_Q
-        kv_hi = tl.minimum(kv_hi, last)
-
-    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    ks_base = ks_ptr + b.to(tl.int64) * sks_b + hkv.to(tl.int64) * sks_h
-    vs_base = vs_ptr + b.to(tl.int64) * svs_b + hkv.to(tl.int64) * svs_h
-    kz_base = kz_ptr + b.to(tl.int64) * skz_b + hkv.to(tl.int64) * skz_h
-    vz_base = vz_ptr + b.to(tl.int64) * svz_b + hkv.to(tl.int64) * svz_h
+    k_base, ks_base, kz_base = _kv_bases(k_ptr, ks_ptr, kz_ptr, b, hkv, sk_b, sk_h, sks_b, sks_h, skz_b, skz_h)
+    v_base, vs_base, vz_base = _kv_bases(v_ptr, vs_ptr, vz_ptr, b, hkv, sv_b, sv_h, svs_b, svs_h, svz_b, svz_h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -367,29 +376,11 @@ def _kv_swap_kernel(
     natural layout: each thread's pairs along D are one token's bytes), softmax along axis 0, and
     ``out^T [D, BM] += V^T [D, BS] @ p^T [BS, BM]`` (V dequantized in its natural, coalesced
     layout; the transposed operand is read from shared memory as 16-bit values)."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // H_KV
-    hkv = pid_bh % H_KV
-    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < ROWS
-    qi = rows % S_Q
-    h = hkv * GROUPS + rows // S_Q
+    pid_bh, pid_s, b, hkv, rows, row_mask, qi, h, kv_lo, kv_hi = _kv_program(
+        H_KV, GROUPS, S_Q, S_KV, ROWS, kv_per_split, CAUSAL, BLOCK_M)
     q_col = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64)[None, :] * sq_h + qi[None, :] * sq_s
-
-    kv_lo = pid_s * kv_per_split
-    kv_hi = tl.minimum(kv_lo + kv_per_split, S_KV)
-    if CAUSAL:
-        last = tl.max(tl.where(row_mask, qi, 0), axis=0) + 1 + S_KV - S_Q
-        kv_hi = tl.minimum(kv_hi, last)
-
-    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    ks_base = ks_ptr + b.to(tl.int64) * sks_b + hkv.to(tl.int64) * sks_h
-    vs_base = vs_ptr + b.to(tl.int64) * svs_b + hkv.to(tl.int64) * svs_h
-    kz_base = kz_ptr + b.to(tl.int64) * skz_b + hkv.to(tl.int64) * skz_h
-    vz_base = vz_ptr + b.to(tl.int64) * svz_b + hkv.to(tl.int64) * svz_h
+    k_base, ks_base, kz_base = _kv_bases(k_ptr, ks_ptr, kz_ptr, b, hkv, sk_b, sk_h, sks_b, sks_h, skz_b, skz_h)
+    v_base, vs_base, vz_base = _kv_bases(v_ptr, vs_ptr, vz_ptr, b, hkv, sv_b, sv_h, svs_b, svs_h, svz_b, svz_h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
