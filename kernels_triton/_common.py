@@ -560,6 +560,11 @@ if not INTERPRET:
         return x
 
     @triton.jit
+    def half_bits_to(v, DT: tl.constexpr):
+        """int32 ``v`` holding 16 bits (0..65535) as the float16/bfloat16 ``DT`` with those bits."""
+        return v.to(tl.int16).to(DT, bitcast=True)
+
+    @triton.jit
     def affine_codes(q, z, s):
         """``(q - z) * s`` for [R, C] codes ``q`` and per-row ``z``, ``s`` [R], in ``q``'s dtype."""
         return (q - z.to(q.dtype)[:, None]) * s.to(q.dtype)[:, None]
@@ -577,6 +582,13 @@ else:  # Triton's interpreter cannot bitcast to bfloat16; its bfloat16 tl.dot an
             return (v.to(tl.float32) - OFFSET).to(tl.bfloat16)
         else:
             return (v | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+
+    @triton.jit
+    def half_bits_to(v, DT: tl.constexpr):  # bfloat16 bits are a float32's top half
+        if DT == tl.bfloat16:
+            return (v << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            return v.to(tl.int16).to(DT, bitcast=True)
 
     @triton.jit
     def mma_in(x):

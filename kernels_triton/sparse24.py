@@ -10,8 +10,9 @@ column ``4 * (2t + s // 2) + ((meta[t] >> 2s) & 3)``.
 * ``gemv2`` (K % 32 == 0, meta rows 4-byte aligned): no gathers - x read densely and each
   value's x picked by its index bits with selects; meta as int32 words; every load a step
   ahead; small row blocks instead of split-K (one launch on the target shapes).
-* ``mm2`` (M <= 32): swap-AB tensor-core tiles ``W_tile @ x.T`` (the weight rows fill the
-  MMA's M side: wgmma with 64-row tiles), loads a step ahead, rows clamped instead of masked.
+* ``mm2`` (M <= 32, values in x's dtype): swap-AB tensor-core tiles ``W_tile @ x.T`` (the
+  weight rows fill the MMA's M side: wgmma with 64-row tiles), loads a step ahead, rows
+  clamped instead of masked; values read as int64 words and expanded by byte permutes.
 * ``mm``: the tile is expanded to dense in registers (two compares and selects per dense
   element) and multiplied on the tensor cores.
 * ``dense``: decompress, then cuBLAS (large M, where the tensor-core work dominates).
@@ -25,12 +26,15 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    INTERPRET,
     Config,
     cache_for,
     cfg,
     contiguous_rows,
     finish,
     finish_split,
+    half_bits_to,
+    inline_ptx_ok,
     m_bucket,
     mma_in,
     pick,
@@ -221,13 +225,13 @@ def _s24_mm2_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRMT: tl.constexpr,
 ):
     """Small-M tensor-core tiles, swap-AB: ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T``, so the
-    expanded weight fills the MMA's M side and a tiny M only pads the N side (16). Every
+    expanded weight fills the MMA's M side and a tiny M only pads the N side (16). Values are
+    read as int64 words (two groups, x's dtype) and expanded by :func:`_dense_tile`. Every
     step's loads (values, meta, x) are issued a step ahead; rows past N and M are clamped
     (read, never stored), so whole steps load without masks."""
-    G: tl.constexpr = BLOCK_K // 4
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -237,52 +241,115 @@ def _s24_mm2_kernel(
     m_mask = offs_m < M
     rows64 = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_v = tl.arange(0, BLOCK_K // 2)
-    offs_t = tl.arange(0, BLOCK_K // 8)
+    offs_w = tl.arange(0, BLOCK_K // 8)  # 8-column blocks: one int64 value word and one meta byte each
     x_ptrs = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    v_ptrs = v_ptr + rows64[:, None] * stride_vn + offs_v[None, :]
-    m_ptrs = meta_ptr + rows64[:, None] * stride_mn + offs_t[None, :]
+    v_ptrs = v_ptr.to(tl.pointer_type(tl.int64)) + rows64[:, None] * (stride_vn // 4) + offs_w[None, :]
+    m_ptrs = meta_ptr + rows64[:, None] * stride_mn + offs_w[None, :]
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    xt_n, vals_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_v, offs_t, k_lo, k_hi, stride_xk,
-                                        EVEN_K)
+    xt_n, vw_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k_lo, k_hi, stride_xk, EVEN_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        xt, vals, mb = xt_n, vals_n, mb_n
+        xt, vw, mb = xt_n, vw_n, mb_n
         if EVEN_K:  # the last step re-reads itself
             k_next = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
         else:
             k_next = k0 + BLOCK_K
-        xt_n, vals_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_v, offs_t, k_next, k_hi,
-                                            stride_xk, EVEN_K)
-        vals = vals.to(xt.dtype)
-        v0, v1 = tl.split(tl.reshape(vals, [BLOCK_N, G, 2]))  # per group: value at i0, at i1
-        nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, G])  # group 2t low nibble, 2t+1 high
-        lo = nib & 3  # i0
-        hi = nib & 12  # 4 * i1
-        zero = tl.zeros_like(v0)
-        w0 = tl.where(lo == 0, v0, zero)
-        w1 = tl.where(lo == 1, v0, tl.where(hi == 4, v1, zero))
-        w2 = tl.where(lo == 2, v0, tl.where(hi == 8, v1, zero))
-        w3 = tl.where(hi == 12, v1, zero)
-        dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
+        xt_n, vw_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k_next, k_hi, stride_xk, EVEN_K)
+        dense = _dense_tile(vw, mb, xt.dtype, PRMT)
         acc = tl.dot(mma_in(dense), mma_in(tl.trans(xt)), acc)
     store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
               HAS_BIAS, PARTIAL)
 
 
 @triton.jit
-def _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_v, offs_t, k0, k_hi, stride_xk, EVEN_K: tl.constexpr):
-    """x [BLOCK_M, BLOCK_K], values [BLOCK_N, BLOCK_K/2], meta bytes (int32) at column k0."""
+def _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k0, k_hi, stride_xk, EVEN_K: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K], value words (int64) and meta bytes (int32) [BLOCK_N, BLOCK_K/8] at
+    column k0 (K is a multiple of 8, so a K tail masks whole 8-column blocks)."""
     if EVEN_K:
         xt = tl.load(x_ptrs + k0 * stride_xk)
-        vals = tl.load(v_ptrs + k0 // 2)
+        vw = tl.load(v_ptrs + k0 // 8)
         mb = tl.load(m_ptrs + k0 // 8).to(tl.int32)
     else:
+        wm = (k0 + 8 * offs_w < k_hi)[None, :]
         xt = tl.load(x_ptrs + k0 * stride_xk, mask=(k0 + offs_k < k_hi)[None, :], other=0.0)
-        vals = tl.load(v_ptrs + k0 // 2, mask=(k0 + 2 * offs_v < k_hi)[None, :], other=0.0)
-        mb = tl.load(m_ptrs + k0 // 8, mask=(k0 + 8 * offs_t < k_hi)[None, :], other=0).to(tl.int32)
-    return xt, vals, mb
+        vw = tl.load(v_ptrs + k0 // 8, mask=wm, other=0)
+        mb = tl.load(m_ptrs + k0 // 8, mask=wm, other=0).to(tl.int32)
+    return xt, vw, mb
+
+
+@triton.jit
+def _dense_tile(vw, mb, DT: tl.constexpr, PRMT: tl.constexpr):
+    """int64 value words and meta bytes [R, C] (8 columns each: groups 2j, 2j+1) -> the dense
+    tile [R, 8C] in ``DT``. Per group the two 16-bit values (one int32 word ``p``) become the
+    dense column pairs (0, 1) and (2, 3) as two int32 words (:func:`_spread_group`), which are
+    already the MMA operand's packed halves."""
+    pe = vw.to(tl.int32)  # group 2j (low word)
+    po = (vw >> 32).to(tl.int32)  # group 2j + 1
+    ce = (mb << 1) & 0x1E  # 2 * nibble
+    co = (mb >> 3) & 0x1E
+    if PRMT:
+        e01, e23 = _spread_group_prmt(pe, ce)
+        o01, o23 = _spread_group_prmt(po, co)
+    else:
+        e01, e23 = _spread_group(pe, ce)
+        o01, o23 = _spread_group(po, co)
+    # column pairs in k order: e01, e23, o01, o23 (join picks (a, b) give position 2a + b)
+    w = tl.reshape(tl.join(tl.join(e01, o01), tl.join(e23, o23)), [vw.shape[0], vw.shape[1] * 4])
+    lo = half_bits_to(w & 0xFFFF, DT)
+    hi = half_bits_to((w >> 16) & 0xFFFF, DT)
+    return tl.reshape(tl.join(lo, hi), [vw.shape[0], vw.shape[1] * 8])
+
+
+@triton.jit
+def _spread_group(p, c):
+    """One group's values ``p`` (value at i0 in the low half, at i1 in the high half) and
+    ``c = 2 * nibble`` -> int32 words of dense columns (0, 1) and (2, 3), by selects."""
+    i0 = (c >> 1) & 3
+    i1 = (c >> 3) & 3
+    v0 = p & 0xFFFF
+    v1 = (p >> 16) & 0xFFFF
+    d01 = tl.where(i0 == 0, v0, 0) | tl.where(i0 == 1, v0 << 16, tl.where(i1 == 1, v1 << 16, 0))
+    d23 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, 0)) | tl.where(i1 == 3, v1 << 16, 0)
+    return d01, d23
+
+
+# _spread_group by byte permutes: per output word, a 2-bit code from a 32-bit constant indexed by
+# 2 * nibble picks one of four prmt selectors (themselves looked up by a prmt from a table of
+# two words), which places v0 / v1 / zero in each half: 5 instructions a word, no compares.
+# Selector halves: v0 = 0x10, v1 = 0x32, zero = 0x54 (bytes of the zero second operand).
+# Words (0, 1): nibble 4 -> (v0, v1), 8 and 12 -> (v0, 0), 9 and 13 -> (0, v0), 14 -> (0, 0).
+# Words (2, 3): nibble 4 -> (0, 0), 8 and 9 -> (v1, 0), 12 and 13 -> (0, v1), 14 -> (v0, v1).
+# (Only the six legal nibbles i0 < i1 are defined; the format rejects the others.)
+_ASM_SPREAD = tl.constexpr("""{
+.reg .b32 t, u, s;
+mov.b32 t, 0xF9F9FCFF;
+shr.b32 s, t, $3;
+and.b32 s, s, 3;
+mad.lo.u32 s, s, 34, 16;
+mov.b32 t, 0x54103210;
+mov.b32 u, 0x54541054;
+prmt.b32 s, t, u, s;
+prmt.b32 $0, $2, 0, s;
+mov.b32 t, 0x3A050000;
+shr.b32 s, t, $3;
+and.b32 s, s, 3;
+mad.lo.u32 s, s, 34, 16;
+mov.b32 t, 0x54325454;
+mov.b32 u, 0x32103254;
+prmt.b32 s, t, u, s;
+prmt.b32 $1, $2, 0, s;
+}""")
+
+if not INTERPRET:
+
+    @triton.jit
+    def _spread_group_prmt(p, c):
+        return tl.inline_asm_elementwise(_ASM_SPREAD, "=r,=r,r,r", [p, c], dtype=(tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
+
+else:
+    _spread_group_prmt = _spread_group
 
 
 @triton.jit
@@ -322,8 +389,9 @@ def decompress(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
-               meta_words: bool = True) -> list[Config]:
-    """``meta_words``: meta may be read as int32 words (K % 32 == 0, 4-byte aligned rows)."""
+               meta_words: bool = True, value_words: bool = True) -> list[Config]:
+    """``meta_words``: meta may be read as int32 words (K % 32 == 0, 4-byte aligned rows);
+    ``value_words``: values may be read as int64 words (x's dtype, 8-byte aligned rows: mm2)."""
     gemv = []
     if meta_words and k % 32 == 0:  # gemv2 first: enough row blocks on the target shapes, no split-K
         for bn, bk, w in ((8, 1024, 4), (32, 512, 8), (16, 512, 4), (16, 1024, 4)):
@@ -336,7 +404,7 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
     gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
-        if m <= 32:  # mm2 (swap-AB, loads a step ahead): weight rows on the MMA's M side
+        if m <= 32 and value_words:  # mm2 (swap-AB, loads a step ahead): weight rows on the MMA's M side
             for bm, bn, bk, w in ((16, 64, 128, 4), (16, 32, 256, 4), (16, 128, 128, 8), (32, 64, 128, 4)):
                 if bm >= m or bm == 16:
                     split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), device,
@@ -361,6 +429,13 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
     if m <= 256:
         return mm + gemv + dense
     return dense + mm
+
+
+def value_words_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether mm2 may read ``values`` as int64 words: 16-bit values in x's dtype, 8-byte aligned
+    rows (K is a multiple of 8, so a row of K/2 values is whole words)."""
+    return (values.dtype == x2.dtype and values.element_size() == 2 and values.data_ptr() % 8 == 0
+            and values.stride(0) % 4 == 0)
 
 
 def _split_range(split: int, k: int, bk: int) -> tuple[int, int]:
@@ -388,6 +463,9 @@ def _launch(c: Config, x2, values, meta, bias, y):
             **c.launch_opts(),
         )
     elif c.path == "mm2":
+        if not value_words_ok(x2, values):
+            raise ValueError("lowbit.kernels_triton.sparse24_matmul: the mm2 path reads values as 8-byte words in "
+                             f"x's dtype; got values {values.dtype} (stride {values.stride(0)}) for x {x2.dtype}")
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
         partial, cnt, mode = split_k_buffers(split, triton.cdiv(n, bn) * triton.cdiv(m, bm), y)
@@ -395,7 +473,7 @@ def _launch(c: Config, x2, values, meta, bias, y):
             x2, values, meta, bvec, y, partial, cnt, m, n, k, per,
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c.launch_opts(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRMT=inline_ptx_ok(x2.device), **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
@@ -418,8 +496,9 @@ def sparse24_matmul(x, values, meta, bias=None, *, config: Config | str | None =
     n = values.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     words = meta.data_ptr() % 4 == 0 and meta.stride(0) % 4 == 0  # gemv2 reads meta as int32 words
-    cands = lambda: candidates(m, n, k, x.dtype, x.device, meta_words=words)
-    key = (m_bucket(m), n, k, x.dtype, values.dtype, bias is not None, words, x.device)
+    vwords = value_words_ok(x2, values)
+    cands = lambda: candidates(m, n, k, x.dtype, x.device, meta_words=words, value_words=vwords)
+    key = (m_bucket(m), n, k, x.dtype, values.dtype, bias is not None, words, vwords, x.device)
     run = lambda c: _launch(c, x2, values, meta, bias, y)
     c = pick(_CACHE, key, cands, run, x.device, config)
     return finish(run(c), x)

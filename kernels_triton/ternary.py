@@ -31,12 +31,13 @@ from ._common import (
     cfg,
     contiguous_rows,
     finish,
+    finish_split,
     inline_ptx_ok,
     m_bucket,
     pick,
     rows_2d,
+    split_k_buffers,
     split_k_for,
-    splitk_reduce,
     store_out,
     store_row,
     with_unsplit,
@@ -97,7 +98,7 @@ def _spread4(w, I: tl.constexpr, one_bits):
 
 @triton.jit
 def _ternary_gemv_kernel(
-    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, R, K, k_per_split, one_bits, zero,
     stride_xm, stride_xk, stride_qr, stride_ym,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -154,13 +155,13 @@ def _ternary_gemv_kernel(
     else:
         f0, f1, f2, f3 = _ternary_gemv_float(x_row, q_ptrs, r_mask, offs_kw, offs_k, xs, zero, k_lo, k_hi,
                                              stride_xk, one_bits, EVEN_K, BLOCK_R, BLOCK_K)
-    _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+    _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
                     stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
 def _ternary_gemv2_kernel(
-    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr,
+    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, R, K, k_per_split, zero,
     stride_xm, stride_xk, stride_qr, stride_ym,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -231,7 +232,7 @@ def _ternary_gemv2_kernel(
     f1 = tl.sum(a1_, axis=1).to(tl.float32) - xsum
     f2 = tl.sum(a2_, axis=1).to(tl.float32) - xsum
     f3 = tl.sum(a3_, axis=1).to(tl.float32) - xsum
-    _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
+    _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
                     stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
 
 
@@ -314,31 +315,21 @@ else:
 
 
 @triton.jit
-def _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+def _ternary_store4(f0, f1, f2, f3, offs_r, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
                     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    """:func:`_ternary_store` of the four sub-rows' results of a GEMV tile."""
-    _ternary_store(f0, offs_r, 0, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f1, offs_r, 1, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f2, offs_r, 2, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-    _ternary_store(f3, offs_r, 3, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr,
-                   stride_ym, PER_ROW, HAS_BIAS, PARTIAL)
-
-
-@triton.jit
-def _ternary_store(acc, offs_r, I: tl.constexpr, R, N, m, pid_k, M, xs, ws_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
-                   PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    """Rows ``offs_r + I*R`` of output row ``m``: scale (and bias, or the split-K partial)."""
-    n = offs_r + I * R
-    mask = (offs_r < R) & (n < N)
+    """Output rows ``offs_r + I*R`` (I = 0..3, sums ``fI``) of row ``m``: scaled (and bias, or
+    the split-K partial) in one :func:`store_row` over a [BLOCK_R, 2, 2] tile, so an in-kernel
+    split reduction counts each program once."""
+    # element [r, a, b] of join(join(f0, f1), join(f2, f3)) is f_(2b + a)
+    f = tl.join(tl.join(f0, f1), tl.join(f2, f3))
+    i = tl.arange(0, 2)
+    n = offs_r[:, None, None] + R * (i[None, :, None] + 2 * i[None, None, :])
+    mask = (offs_r < R)[:, None, None] & (n < N)
     if PER_ROW:
         ws = tl.load(ws_ptr + n, mask=mask, other=1.0)
     else:
         ws = tl.load(ws_ptr + n * 0, mask=mask, other=1.0)
-    y = acc / (xs * ws)
-    store_row(y, m, n, mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, p_ptr, stride_ym, HAS_BIAS, PARTIAL)
+    store_row(f / (xs * ws), m, n, mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -423,11 +414,15 @@ def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     r = triton.cdiv(n, 4)
     gemv = []
     if k % 4 == 0 and inline_ptx_ok(device):
-        # gemv2: small row blocks so that the target shapes fill the GPU without split-K (one
-        # launch); the split twins only where the row blocks alone leave SMs idle
+        # gemv2: small row blocks so that the target shapes fill the GPU without split-K; K splits
+        # (reduced in the kernel: still one launch) where the row blocks alone leave SMs idle,
+        # and twice that where a long K leaves each program a long serial chain
         for br, bk, w in ((4, 2048, 4), (8, 1024, 4), (4, 1024, 2), (16, 512, 4)):
-            split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=8, per_sm=1)
-            gemv.append(cfg("gemv2", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split}))
+            splits = {split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=8, per_sm=p)
+                      for p in (1, 2)}
+            for split in sorted(splits):
+                gemv.append(cfg("gemv2", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1,
+                                extra={"SPLIT_K": split}))
         gemv = with_unsplit(gemv, count=1)
     if k % 4 == 0:
         for dp4a in ((1, 0) if inline_ptx_ok(device) else (0,)):
@@ -467,37 +462,36 @@ def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
     if c.path == "gemv2":
         br, bk, w = c["BLOCK_R"], c["BLOCK_K"], c.num_warps
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(r, br) * m, y)
         xblock = min(2048 * w, triton.next_power_of_2(k))
         _ternary_gemv2_kernel[(triton.cdiv(r, br), m, split)](
-            x2, qweight, weight_scale, bvec, y, partial,
+            x2, qweight, weight_scale, bvec, y, partial, cnt,
             m, n, r, k, per, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
-            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
             BLOCK_R=br, BLOCK_K=bk, XBLOCK=xblock, **c.launch_opts(),
         )
     elif c.path == "gemv":
         br, bk = c["BLOCK_R"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        partial, cnt, mode = split_k_buffers(split, triton.cdiv(r, br) * m, y)
         _ternary_gemv_kernel[(triton.cdiv(r, br), m, split)](
-            x2, qweight, weight_scale, bvec, y, partial,
+            x2, qweight, weight_scale, bvec, y, partial, cnt,
             m, n, r, k, per, 0x3F800000, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
-            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, EVEN_K=k % bk == 0,
+            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
             BLOCK_R=br, BLOCK_K=bk, DP4A=bool(c.get("DP4A", 0)), **c.launch_opts(),
         )
     else:
         bm, br, bk = c["BLOCK_M"], c["BLOCK_R"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+        mode = int(split > 1)  # the tile kernel's four stores per program: two-kernel reduction
         xq, xs = quantize_activations(x2)
         _ternary_mm_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br), split)](
             xq, xs, qweight, weight_scale, bvec, y, partial, m, n, r, k, per, qweight.stride(0), y.stride(0),
-            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+            PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=mode, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
             **c.launch_opts(),
         )
-    if split > 1:
-        splitk_reduce(partial, bias, y)
-    return y
+    return finish_split(mode, partial, bias, y)
 
 
 def ternary_matmul(x, qweight, weight_scale, out_features: int, bias=None, *, config: Config | str | None = None):

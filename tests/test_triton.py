@@ -168,7 +168,7 @@ def test_gemv_runs_per_step(device, dtype, op):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["int4", "nf4", "sparse24"])
+@pytest.mark.parametrize("op", ["int4", "nf4", "sparse24", "ternary"])
 def test_split_k_reduced_by_the_last_split(device, op, monkeypatch):
     """A K-split launch whose last split per tile sums the partials (one launch) gives the same
     bits as the two-kernel reduction, and leaves every tile counter at zero for the next launch."""
@@ -184,11 +184,17 @@ def test_split_k_reduced_by_the_last_split(device, op, monkeypatch):
     elif op == "nf4":
         args = to_device(nf4_args(m, k, n, dtype, blocksize=64, double_quant=True), device)
         ref, run = reference.nf4_matmul(*args), lambda c: kern.nf4_matmul(*args, config=c)
+    elif op == "ternary":
+        args = to_device(ternary_args(m, k, n, dtype, per_row=True), device)
+        ref, run = reference.ternary_matmul(*args), lambda c: kern.ternary_matmul(*args, config=c)
     else:
         args = to_device(sparse24_args(m, k, n, dtype, bias=True), device)
         ref, run = reference.sparse24_matmul(*args), lambda c: kern.sparse24_matmul(*args, config=c)
     split = {"SPLIT_K": 4}
-    if op == "sparse24":
+    if op == "ternary":  # both GEMVs store four row ranges per program: one count per program
+        configs = [cfg("gemv2", BLOCK_R=4, BLOCK_K=64, num_warps=2, num_stages=1, extra=split),
+                   cfg("gemv", BLOCK_R=8, BLOCK_K=64, num_warps=2, num_stages=2, extra={**split, "DP4A": 1})]
+    elif op == "sparse24":
         configs = [cfg("gemv2", BLOCK_N=16, BLOCK_K=64, num_warps=2, num_stages=1, extra=split),
                    cfg("mm2", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1, extra=split)]
     else:
@@ -339,8 +345,15 @@ def test_sparse24_float32_values_with_16bit_activations(device):
     x, values, meta, b = to_device(sparse24_args(4, 128, 24, torch.float32), device)
     x, b = x.half(), b.half()
     ref = reference.sparse24_matmul(x, values, meta, b)
-    for path in _paths(kern.candidates(4, 24, 128, x.dtype, torch.device(device))):
+    paths = _paths(kern.candidates(4, 24, 128, x.dtype, torch.device(device), value_words=False))
+    assert "mm2" not in paths  # mm2 reads values as words in x's dtype
+    for path in paths:
         _check(kern.sparse24_matmul(x, values, meta, b, config=path), ref, x.dtype, path)
+    from lowbit.kernels_triton._common import cfg
+
+    forced = cfg("mm2", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="mm2 path reads values"):
+        kern.sparse24_matmul(x, values, meta, b, config=forced)
 
 
 # ---- KV attention ------------------------------------------------------------------------------
