@@ -225,20 +225,16 @@ def _s24_mm2_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRMT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRMT: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Small-M tensor-core tiles, swap-AB: ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T``, so the
     expanded weight fills the MMA's M side and a tiny M only pads the N side (16). Values are
-    read as int64 words (two groups, x's dtype) and expanded by :func:`_dense_tile`. Every
-    step's loads (values, meta, x) are issued a step ahead; rows past N and M are clamped
-    (read, never stored), so whole steps load without masks."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
+    read as int64 words (two groups, x's dtype) and expanded by :func:`_dense_tile`. Rows past
+    N and M are clamped (read, never stored), so whole steps load without masks. ``STAGES`` 1:
+    every step's loads (values, meta, x) are issued a step ahead into registers; more: Triton's
+    pipeliner stages them through shared memory (cp.async), STAGES deep."""
+    pid_k, offs_m, offs_n, m_mask, n_mask, _ = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows64 = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 8)  # 8-column blocks: one int64 value word and one meta byte each
@@ -247,17 +243,22 @@ def _s24_mm2_kernel(
     m_ptrs = meta_ptr + rows64[:, None] * stride_mn + offs_w[None, :]
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    xt_n, vw_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k_lo, k_hi, stride_xk, EVEN_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        xt, vw, mb = xt_n, vw_n, mb_n
-        if EVEN_K:  # the last step re-reads itself
-            k_next = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
-        else:
-            k_next = k0 + BLOCK_K
-        xt_n, vw_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k_next, k_hi, stride_xk, EVEN_K)
-        dense = _dense_tile(vw, mb, xt.dtype, PRMT)
-        acc = tl.dot(mma_in(dense), mma_in(tl.trans(xt)), acc)
+    if STAGES > 1:
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            xt, vw, mb = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k0, k_hi, stride_xk, EVEN_K)
+            acc = tl.dot(mma_in(_dense_tile(vw, mb, xt.dtype, PRMT)), mma_in(tl.trans(xt)), acc)
+    else:
+        xt_n, vw_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k_lo, k_hi, stride_xk, EVEN_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            xt, vw, mb = xt_n, vw_n, mb_n
+            if EVEN_K:  # the last step re-reads itself
+                k_next = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
+            else:
+                k_next = k0 + BLOCK_K
+            xt_n, vw_n, mb_n = _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k_next, k_hi, stride_xk,
+                                              EVEN_K)
+            acc = tl.dot(mma_in(_dense_tile(vw, mb, xt.dtype, PRMT)), mma_in(tl.trans(xt)), acc)
     store_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym,
               HAS_BIAS, PARTIAL)
 
@@ -405,11 +406,18 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
         if m <= 32 and value_words:  # mm2 (swap-AB, loads a step ahead): weight rows on the MMA's M side
-            for bm, bn, bk, w in ((16, 64, 128, 4), (16, 32, 256, 4), (16, 128, 128, 8), (32, 64, 128, 4)):
+            for bm, bn, bk, w, st in ((16, 64, 128, 4, 1), (16, 32, 256, 4, 1), (16, 128, 128, 8, 1),
+                                      (32, 64, 128, 4, 1), (16, 64, 128, 4, 3), (16, 128, 128, 8, 3)):
                 if bm >= m or bm == 16:
                     split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), device,
                                         max_split=8, per_sm=2)
-                    mm.append(cfg("mm2", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1,
+                    mm.append(cfg("mm2", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                                  extra={"SPLIT_K": split}))
+        elif value_words:  # larger M: wide swap-AB tiles (the expansion amortized over BLOCK_M columns)
+            for bm, bn, bk, w, st in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)):
+                if bm <= triton.next_power_of_2(m):
+                    split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), device)
+                    mm.append(cfg("mm2", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
                                   extra={"SPLIT_K": split}))
         if m <= 16:
             shapes = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3))
@@ -468,12 +476,14 @@ def _launch(c: Config, x2, values, meta, bias, y):
                              f"x's dtype; got values {values.dtype} (stride {values.stride(0)}) for x {x2.dtype}")
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
-        partial, cnt, mode = split_k_buffers(split, triton.cdiv(n, bn) * triton.cdiv(m, bm), y)
-        _s24_mm2_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
+        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        partial, cnt, mode = split_k_buffers(split, tiles, y)
+        _s24_mm2_kernel[(tiles, split)](
             x2, values, meta, bvec, y, partial, cnt, m, n, k, per,
             x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRMT=inline_ptx_ok(x2.device), **c.launch_opts(),
+            HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            GROUP_M=8, PRMT=inline_ptx_ok(x2.device), STAGES=c.num_stages,
+            **c.launch_opts(),
         )
     else:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
