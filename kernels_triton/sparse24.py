@@ -407,7 +407,8 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
     if dtype in (torch.float16, torch.bfloat16):
         if m <= 32 and value_words:  # mm2 (swap-AB, loads a step ahead): weight rows on the MMA's M side
             for bm, bn, bk, w, st in ((16, 64, 128, 4, 1), (16, 32, 256, 4, 1), (16, 128, 128, 8, 1),
-                                      (32, 64, 128, 4, 1), (16, 64, 128, 4, 3), (16, 128, 128, 8, 3)):
+                                      (32, 64, 128, 4, 1), (16, 64, 128, 4, 3), (16, 128, 128, 8, 3),
+                                      (16, 32, 128, 4, 1)):
                 if bm >= m or bm == 16:
                     split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), device,
                                         max_split=8, per_sm=2)

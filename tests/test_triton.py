@@ -328,7 +328,7 @@ def test_sparse24_mm2_configs(device, dtype):
     args = to_device(sparse24_args(m, k, n, dtype), device)
     ref = reference.sparse24_matmul(*args)
     cands = [c for c in kern.candidates(m, n, k, dtype, torch.device(device)) if c.path == "mm2"]
-    assert len(cands) == 6 and {c.num_stages for c in cands} == {1, 3}  # register prefetch, pipeliner
+    assert len(cands) == 7 and {c.num_stages for c in cands} == {1, 3}  # register prefetch, pipeliner
     for c in cands:
         _check(kern.sparse24_matmul(*args, config=c), ref, dtype, f"sparse24 {c} {(m, k, n)}")
     for m, k, n, bm, bn, bk, split, st in ((5, 136, 33, 16, 32, 64, 1, 1), (20, 1056, 50, 32, 64, 128, 3, 1),
