@@ -322,25 +322,20 @@ def _spread_group(p, c):
 # Words (0, 1): nibble 4 -> (v0, v1), 8 and 12 -> (v0, 0), 9 and 13 -> (0, v0), 14 -> (0, 0).
 # Words (2, 3): nibble 4 -> (0, 0), 8 and 9 -> (v1, 0), 12 and 13 -> (0, v1), 14 -> (v0, v1).
 # (Only the six legal nibbles i0 < i1 are defined; the format rejects the others.)
-_ASM_SPREAD = tl.constexpr("""{
-.reg .b32 t, u, s;
-mov.b32 t, 0xF9F9FCFF;
-shr.b32 s, t, $3;
-and.b32 s, s, 3;
-mad.lo.u32 s, s, 34, 16;
-mov.b32 t, 0x54103210;
-mov.b32 u, 0x54541054;
-prmt.b32 s, t, u, s;
-prmt.b32 $0, $2, 0, s;
-mov.b32 t, 0x3A050000;
-shr.b32 s, t, $3;
-and.b32 s, s, 3;
-mad.lo.u32 s, s, 34, 16;
-mov.b32 t, 0x54325454;
-mov.b32 u, 0x32103254;
-prmt.b32 s, t, u, s;
-prmt.b32 $1, $2, 0, s;
-}""")
+
+
+def _prmt_word(out: int, codes: int, table_lo: int, table_hi: int) -> str:
+    """PTX for output word ``$out``: its selector's 2-bit code (``codes`` >> 2 * nibble), that
+    code as the byte selector of table entry ``2e | (2e + 1) << 4``, the entry, the permute."""
+    return (f"mov.b32 t, {codes:#010x};\nshr.b32 s, t, $3;\nand.b32 s, s, 3;\nmad.lo.u32 s, s, 34, 16;\n"
+            f"mov.b32 t, {table_lo:#010x};\nmov.b32 u, {table_hi:#010x};\nprmt.b32 s, t, u, s;\n"
+            f"prmt.b32 ${out}, $2, 0, s;\n")
+
+
+#: (codes, table_lo, table_hi) of the two output words (tests emulate prmt on them)
+SPREAD_TABLES = ((0xF9F9FCFF, 0x54103210, 0x54541054), (0x3A050000, 0x54325454, 0x32103254))
+_ASM_SPREAD = tl.constexpr("{\n.reg .b32 t, u, s;\n" + "".join(_prmt_word(i, *t) for i, t in enumerate(SPREAD_TABLES))
+                           + "}")
 
 if not INTERPRET:
 

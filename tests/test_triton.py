@@ -339,6 +339,28 @@ def test_sparse24_mm2_configs(device, dtype):
                f"sparse24 {c} {(m, k, n)}")
 
 
+def test_sparse24_prmt_tables_place_every_legal_pair():
+    """The byte-permute tables of mm2's PTX expansion (GPU-only code), emulated: for each of
+    the six legal nibbles both output words hold v0 / v1 / 0 in the dense column order."""
+    from lowbit.kernels_triton import sparse24 as S
+
+    def prmt(a, b, sel):  # PTX prmt.b32 default mode: result byte i = byte (sel >> 4i) & 7 of {b, a}
+        src = [(a >> 8 * i) & 255 for i in range(4)] + [(b >> 8 * i) & 255 for i in range(4)]
+        return sum(src[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+
+    v0, v1 = 0x3C01, 0xC402
+    for i0 in range(4):
+        for i1 in range(i0 + 1, 4):
+            nib = i0 | i1 << 2
+            dense = [0] * 4
+            dense[i0], dense[i1] = v0, v1
+            words = []
+            for codes, lo, hi in S.SPREAD_TABLES:
+                e = (codes >> 2 * nib) & 3
+                words.append(prmt(v0 | v1 << 16, 0, prmt(lo, hi, e * 34 + 16)))
+            assert [w >> s & 0xFFFF for w in words for s in (0, 16)] == dense, f"nibble {nib}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse24_float32_values_with_16bit_activations(device):
     kern = _kernels("sparse24")
