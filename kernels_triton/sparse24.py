@@ -10,9 +10,10 @@ column ``4 * (2t + s // 2) + ((meta[t] >> 2s) & 3)``.
 * ``gemv2`` (K % 32 == 0, meta rows 4-byte aligned): no gathers - x read densely and each
   value's x picked by its index bits with selects; meta as int32 words; every load a step
   ahead; small row blocks instead of split-K (one launch on the target shapes).
-* ``mm2`` (M <= 32, values in x's dtype): swap-AB tensor-core tiles ``W_tile @ x.T`` (the
-  weight rows fill the MMA's M side: wgmma with 64-row tiles), loads a step ahead, rows
-  clamped instead of masked; values read as int64 words and expanded by byte permutes.
+* ``mm2`` (values in x's dtype): swap-AB tensor-core tiles ``W_tile @ x.T`` (the weight rows
+  fill the MMA's M side: wgmma with 64-row tiles), rows clamped instead of masked; values read
+  as int64 words and expanded by byte permutes. Narrow tiles for M <= 32 (loads a step ahead
+  in registers, or staged by Triton's pipeliner), wide ones in grouped tile order above.
 * ``mm``: the tile is expanded to dense in registers (two compares and selects per dense
   element) and multiplied on the tensor cores.
 * ``dense``: decompress, then cuBLAS (large M, where the tensor-core work dominates).
@@ -400,7 +401,7 @@ def candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
     gemv = with_unsplit(gemv)
     mm = []
     if dtype in (torch.float16, torch.bfloat16):
-        if m <= 32 and value_words:  # mm2 (swap-AB, loads a step ahead): weight rows on the MMA's M side
+        if m <= 32 and value_words:  # mm2 (swap-AB): weight rows on the MMA's M side
             for bm, bn, bk, w, st in ((16, 64, 128, 4, 1), (16, 32, 256, 4, 1), (16, 128, 128, 8, 1),
                                       (32, 64, 128, 4, 1), (16, 64, 128, 4, 3), (16, 128, 128, 8, 3),
                                       (16, 32, 128, 4, 1)):
