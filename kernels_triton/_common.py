@@ -29,6 +29,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE_ENV = "LOWBIT_TRITON_AUTOTUNE"
 _L2_FLUSH_BYTES = 128 << 20
 
+#: L2 policy of the loads that stream a weight or a KV cache (read once a call): evict-first
+#: lines are recycled before any other line, so the stream evicts neither the activations nor
+#: dirty lines that earlier kernels left (each of those costs a write-back during the call).
+#: Marlin streams its weights the same way. Triton 3.6 drops the hint on loads its pipeliner
+#: turns into cp.async. ``LOWBIT_TRITON_NO_L2_HINT=1`` turns it off (A/B runs).
+STREAM = tl.constexpr("" if os.environ.get("LOWBIT_TRITON_NO_L2_HINT") else "evict_first")
+
 
 @dataclass(frozen=True)
 class Config:

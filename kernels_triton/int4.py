@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    STREAM,
     Config,
     affine_codes,
     cache_for,
@@ -128,11 +129,13 @@ def _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k0, G, stride
                      HAS_ZERO: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr):
     """The loads of one GEMV step at column ``k0``: weight words, the NG runs' scales and zeros
     [BLOCK_N, NG], and x."""
-    wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
+    wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
     g = (k0 + GS * tl.arange(0, NG)) // G
-    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=n_mask[:, None], other=0.0)
+    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=n_mask[:, None], other=0.0,
+                eviction_policy=STREAM)
     if HAS_ZERO:
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=n_mask[:, None], other=0.0)
+        z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=n_mask[:, None], other=0.0,
+                    eviction_policy=STREAM)
     else:
         z = s
     xv = tl.load(x_ptrs + k0 * stride_xk)
@@ -182,12 +185,13 @@ def _int4_mm_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None], other=0.0)
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0).to(tl.int16)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0, eviction_policy=STREAM).to(tl.int16)
         g = k0 // G
-        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
         if SCALE_B:  # big tiles: dequantize B fully, accumulate in place (one fp32 tile)
             if HAS_ZERO:
-                z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0,
+                            eviction_policy=STREAM).to(tl.float32)
                 lo = small_int_to_float(qb & 15, 0, IS_BF16) - z.to(xt.dtype)[:, None]
                 hi = small_int_to_float(qb >> 4, 0, IS_BF16) - z.to(xt.dtype)[:, None]
             else:
@@ -200,7 +204,7 @@ def _int4_mm_kernel(
             lo = small_int_to_float(qb & 15, 0, IS_BF16)
             hi = small_int_to_float(qb >> 4, 0, IS_BF16)
             part = tl.dot(mma_in(xt), mma_in(tl.trans(tl.interleave(lo, hi))))
-            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
             xs = tl.sum(xt.to(tl.float32), axis=1)
             acc += (part - xs[:, None] * z[None, :]) * s[None, :]
         else:
@@ -243,12 +247,12 @@ def _int4_mmt_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         xe, xo = load_xt_pairs(x_ptr, xt_ptrs, k0, m_mask, stride_xk, X_PAIRS)
         g = k0 // G
-        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0)
+        s = tl.load(s_ptr + rows64 * stride_sn + g, mask=n_mask, other=0.0, eviction_policy=STREAM)
         if HAS_ZERO:
-            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0)
+            z = tl.load(z_ptr + rows64 * stride_zn + g, mask=n_mask, other=0.0, eviction_policy=STREAM)
         else:
             z = tl.full([BLOCK_N], 8.0, dtype=s.dtype)
         lo = small_int_to_float((qb & 15).to(tl.int16), 0, IS_BF16)  # columns 2j
@@ -280,14 +284,17 @@ def _int4_dequant_kernel(
     rows64 = offs_n.to(tl.int64)
     n_ok = offs_n < N
     mask = n_ok[:, None] & (offs_h < K // 2)[None, :]
-    b = tl.load(qw_ptr + rows64[:, None] * stride_qn + offs_h[None, :], mask=mask, other=0).to(tl.int32)
+    b = tl.load(qw_ptr + rows64[:, None] * stride_qn + offs_h[None, :], mask=mask, other=0,
+                eviction_policy=STREAM).to(tl.int32)
     if GL > 0:
         R: tl.constexpr = BLOCK_H // GL
         g = (h0 + GL * tl.arange(0, R)) // (G // 2)
         rmask = n_ok[:, None] & (2 * GL * tl.arange(0, R) + 2 * h0 < K)[None, :]
-        s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=rmask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=rmask, other=0.0,
+                    eviction_policy=STREAM).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=rmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=rmask, other=0.0,
+                        eviction_policy=STREAM).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, R], 8.0, dtype=tl.float32)
         b3 = tl.reshape(b, [BLOCK_N, R, GL])
@@ -295,9 +302,11 @@ def _int4_dequant_kernel(
         hi = tl.reshape(((b3 >> 4).to(tl.float32) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_H])
     else:
         g = (2 * offs_h) // G
-        s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=mask, other=0.0,
+                    eviction_policy=STREAM).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows64[:, None] * stride_zn + g[None, :], mask=mask, other=0.0,
+                        eviction_policy=STREAM).to(tl.float32)
         else:
             z = 8.0
         lo = ((b & 15).to(tl.float32) - z) * s

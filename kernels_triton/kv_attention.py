@@ -22,7 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, Config, cache_for, cfg, inline_ptx_ok, mma_in, num_sms, pick
+from ._common import (
+    INTERPRET,
+    STREAM,
+    Config,
+    cache_for,
+    cfg,
+    inline_ptx_ok,
+    mma_in,
+    num_sms,
+    pick,
+)
 
 _CACHE = cache_for("kv_attention")
 _LOG2E = 1.4426950408889634
@@ -135,10 +145,10 @@ def _ld8(base, sbase, offs_s, s_mask, st_s, ss_s, offs_d, d_mask, EVEN_D: tl.con
     """Raw int8 rows [BS, BLOCK_D] and their per-token scales [BS]."""
     ptrs = base + offs_s[:, None] * st_s + offs_d[None, :]
     if EVEN_D:
-        t = tl.load(ptrs, mask=s_mask[:, None], other=0)
+        t = tl.load(ptrs, mask=s_mask[:, None], other=0, eviction_policy=STREAM)
     else:
-        t = tl.load(ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0)
-    return t, tl.load(sbase + offs_s * ss_s, mask=s_mask, other=0.0)
+        t = tl.load(ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0, eviction_policy=STREAM)
+    return t, tl.load(sbase + offs_s * ss_s, mask=s_mask, other=0.0, eviction_policy=STREAM)
 
 
 @triton.jit
@@ -171,9 +181,9 @@ def _ld4b(base, offs_s, s_mask, st_s, NG, GP: tl.constexpr, EVEN_D: tl.constexpr
     offs_b = tl.arange(0, 16)
     ptrs = base + offs_s[:, None, None] * st_s + (offs_g * 16)[None, :, None] + offs_b[None, None, :]
     if EVEN_D:
-        return tl.load(ptrs, mask=s_mask[:, None, None], other=0)
+        return tl.load(ptrs, mask=s_mask[:, None, None], other=0, eviction_policy=STREAM)
     else:
-        return tl.load(ptrs, mask=s_mask[:, None, None] & (offs_g < NG)[None, :, None], other=0)
+        return tl.load(ptrs, mask=s_mask[:, None, None] & (offs_g < NG)[None, :, None], other=0, eviction_policy=STREAM)
 
 
 @triton.jit
@@ -183,14 +193,16 @@ def _ld4s(sbase, zbase, offs_s, s_mask, ss_s, sz_s, NG, GP: tl.constexpr, EVEN_D
     known stride gives vector loads, which Triton then pipelines through shared memory)."""
     offs_g = tl.arange(0, GP)
     if CONTIG:
-        return (tl.load(sbase + offs_s[:, None] * GP + offs_g[None, :], mask=s_mask[:, None], other=0.0),
-                tl.load(zbase + offs_s[:, None] * GP + offs_g[None, :], mask=s_mask[:, None], other=0.0))
+        return (tl.load(sbase + offs_s[:, None] * GP + offs_g[None, :], mask=s_mask[:, None], other=0.0,
+                        eviction_policy=STREAM),
+                tl.load(zbase + offs_s[:, None] * GP + offs_g[None, :], mask=s_mask[:, None], other=0.0,
+                        eviction_policy=STREAM))
     if EVEN_D:
         m2 = s_mask[:, None]
     else:
         m2 = s_mask[:, None] & (offs_g < NG)[None, :]
-    return (tl.load(sbase + offs_s[:, None] * ss_s + offs_g[None, :], mask=m2, other=0.0),
-            tl.load(zbase + offs_s[:, None] * sz_s + offs_g[None, :], mask=m2, other=0.0))
+    return (tl.load(sbase + offs_s[:, None] * ss_s + offs_g[None, :], mask=m2, other=0.0, eviction_policy=STREAM),
+            tl.load(zbase + offs_s[:, None] * sz_s + offs_g[None, :], mask=m2, other=0.0, eviction_policy=STREAM))
 
 
 @triton.jit

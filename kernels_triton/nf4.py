@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    STREAM,
     Config,
     cache_for,
     cfg,
@@ -114,12 +115,12 @@ _LUT_BF16_PAIRS = tl.constexpr(_register_lut_asm(torch.bfloat16, pairs=True))
 def _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, idx, mask, DQ: tl.constexpr):
     """Block absmax (float32) at flat block indices ``idx``, decoding double quantization."""
     if DQ:
-        a = tl.load(am_ptr + idx, mask=mask, other=0).to(tl.int32)
+        a = tl.load(am_ptr + idx, mask=mask, other=0, eviction_policy=STREAM).to(tl.int32)
         c = tl.load(am_code_ptr + a, mask=mask, other=0.0)
-        sc = tl.load(am_scale_ptr + idx // 256, mask=mask, other=0.0)
+        sc = tl.load(am_scale_ptr + idx // 256, mask=mask, other=0.0, eviction_policy=STREAM)
         return c * sc + am_offset
     else:
-        return tl.load(am_ptr + idx, mask=mask, other=0.0)
+        return tl.load(am_ptr + idx, mask=mask, other=0.0, eviction_policy=STREAM)
 
 
 @triton.jit
@@ -157,18 +158,18 @@ def _nf4_gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     if STAGES > 1:  # Triton's pipeliner stages the loads through shared memory (cp.async)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
-            wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
+            wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
             am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k0 + runs) // BS, n_mask[:, None], DQ)
             xv = tl.load(x_ptrs + k0 * stride_xk)
             acc += _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
     else:
-        wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0)
+        wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_lo + runs) // BS, n_mask[:, None], DQ)
         xv_n = tl.load(x_ptrs + k_lo * stride_xk)
         for k0 in range(k_lo, k_hi, BK):
             wd, am, xv = wd_n, am_n, xv_n
             k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
-            wd_n = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0)
+            wd_n = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
             am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
                            n_mask[:, None], DQ)
             xv_n = tl.load(x_ptrs + k_next * stride_xk)
@@ -264,7 +265,7 @@ def _nf4_mm_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None], other=0.0)
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0).to(tl.int32)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0, eviction_policy=STREAM).to(tl.int32)
         w = tl.load(lut_ptr + tl.interleave(qb >> 4, qb & 15))  # element 2i: high nibble
         part = tl.dot(mma_in(xt), mma_in(tl.trans(w)))
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
@@ -297,7 +298,7 @@ def _nf4_mmt_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         xe, xo = load_xt_pairs(x_ptr, xt_ptrs, k0, m_mask, stride_xk, X_PAIRS)
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
         hi, lo = _nf4_byte_codes(qb, lut_ptr, IS_BF16, REG_LUT)
@@ -321,7 +322,7 @@ def _nf4_dequant_kernel(
     R: tl.constexpr = BLOCK // GL
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs_b = start + tl.arange(0, R)[:, None] * GL + tl.arange(0, GL)[None, :]
-    b = tl.load(qw_ptr + offs_b, mask=2 * offs_b < NUMEL, other=0).to(tl.int32)
+    b = tl.load(qw_ptr + offs_b, mask=2 * offs_b < NUMEL, other=0, eviction_policy=STREAM).to(tl.int32)
     e_run = 2 * (start + tl.arange(0, R) * GL)
     am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, e_run // BS, e_run < NUMEL, DQ)
     w = tl.interleave(tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))) * am[:, None]  # [R, 2GL]

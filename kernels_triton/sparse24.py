@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    STREAM,
     Config,
     cache_for,
     cfg,
@@ -88,14 +89,15 @@ def _s24_gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
-            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None], other=0.0)
-            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None], other=0).to(tl.int32)
+            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None], other=0.0, eviction_policy=STREAM)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM).to(tl.int32)
             cols = _value_columns(mb, k0)
             xg = tl.load(x_row + cols * stride_xk)
         else:
             vm = n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :]
-            vals = tl.load(v_ptrs + k0 // 2, mask=vm, other=0.0)
-            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None] & (k0 + 8 * offs_t < k_hi)[None, :], other=0)
+            vals = tl.load(v_ptrs + k0 // 2, mask=vm, other=0.0, eviction_policy=STREAM)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None] & (k0 + 8 * offs_t < k_hi)[None, :], other=0,
+                         eviction_policy=STREAM)
             cols = _value_columns(mb.to(tl.int32), k0)
             xg = tl.load(x_row + cols * stride_xk, mask=vm, other=0.0)
         acc += vals.to(tl.float32) * xg.to(tl.float32)
@@ -165,12 +167,14 @@ def _s24_step_loads(v_ptrs, m_ptrs, x_ptrs, n_mask, offs_v, offs_w, offs_x, k0, 
     """Values [BLOCK_N, BLOCK_K/2], meta words [BLOCK_N, BLOCK_K/32] and x [BLOCK_K] at column
     k0; nothing at or past k_hi is read (masked values and x are 0)."""
     if EVEN_K:  # k0 is always a whole step inside the range and rows are clamped: no masks
-        vals = tl.load(v_ptrs + k0 // 2)
-        mw = tl.load(m_ptrs + k0 // 32)
+        vals = tl.load(v_ptrs + k0 // 2, eviction_policy=STREAM)
+        mw = tl.load(m_ptrs + k0 // 32, eviction_policy=STREAM)
         xv = tl.load(x_ptrs + k0 * stride_xk)
     else:
-        vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :], other=0.0)
-        mw = tl.load(m_ptrs + k0 // 32, mask=n_mask[:, None] & (k0 + 32 * offs_w < k_hi)[None, :], other=0)
+        vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :], other=0.0,
+                       eviction_policy=STREAM)
+        mw = tl.load(m_ptrs + k0 // 32, mask=n_mask[:, None] & (k0 + 32 * offs_w < k_hi)[None, :], other=0,
+                     eviction_policy=STREAM)
         xv = tl.load(x_ptrs + k0 * stride_xk, mask=k0 + offs_x < k_hi, other=0.0)
     return vals, mw, xv
 
@@ -196,13 +200,14 @@ def _s24_mm_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None], other=0.0)
-            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None], other=0.0)
-            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None], other=0).to(tl.int32)
+            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None], other=0.0, eviction_policy=STREAM)
+            mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM).to(tl.int32)
         else:
             xt = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & (k0 + offs_k < k_hi)[None, :], other=0.0)
-            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :], other=0.0)
+            vals = tl.load(v_ptrs + k0 // 2, mask=n_mask[:, None] & (k0 + 2 * offs_v < k_hi)[None, :], other=0.0,
+                           eviction_policy=STREAM)
             mb = tl.load(m_ptrs + k0 // 8, mask=n_mask[:, None] & (k0 + 8 * offs_t < k_hi)[None, :],
-                         other=0).to(tl.int32)
+                         other=0, eviction_policy=STREAM).to(tl.int32)
         vals = vals.to(xt.dtype)
         v0, v1 = tl.split(tl.reshape(vals, [BLOCK_N, BLOCK_K // 4, 2]))  # per group: value at i0, at i1
         nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])  # group 2t low, 2t+1 high
@@ -270,13 +275,13 @@ def _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k0, k_hi, stride_xk, 
     column k0 (K is a multiple of 8, so a K tail masks whole 8-column blocks)."""
     if EVEN_K:
         xt = tl.load(x_ptrs + k0 * stride_xk)
-        vw = tl.load(v_ptrs + k0 // 8)
-        mb = tl.load(m_ptrs + k0 // 8).to(tl.int32)
+        vw = tl.load(v_ptrs + k0 // 8, eviction_policy=STREAM)
+        mb = tl.load(m_ptrs + k0 // 8, eviction_policy=STREAM).to(tl.int32)
     else:
         wm = (k0 + 8 * offs_w < k_hi)[None, :]
         xt = tl.load(x_ptrs + k0 * stride_xk, mask=(k0 + offs_k < k_hi)[None, :], other=0.0)
-        vw = tl.load(v_ptrs + k0 // 8, mask=wm, other=0)
-        mb = tl.load(m_ptrs + k0 // 8, mask=wm, other=0).to(tl.int32)
+        vw = tl.load(v_ptrs + k0 // 8, mask=wm, other=0, eviction_policy=STREAM)
+        mb = tl.load(m_ptrs + k0 // 8, mask=wm, other=0, eviction_policy=STREAM).to(tl.int32)
     return xt, vw, mb
 
 
@@ -357,9 +362,12 @@ def _s24_dense_kernel(v_ptr, meta_ptr, w_ptr, N, K, stride_vn, stride_mn, BLOCK_
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     rows64 = offs_n.to(tl.int64)
     mask = (offs_n < N)[:, None] & (offs_g < K // 4)[None, :]
-    v0 = tl.load(v_ptr + rows64[:, None] * stride_vn + 2 * offs_g[None, :], mask=mask, other=0.0)
-    v1 = tl.load(v_ptr + rows64[:, None] * stride_vn + 2 * offs_g[None, :] + 1, mask=mask, other=0.0)
-    mb = tl.load(meta_ptr + rows64[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask, other=0).to(tl.int32)
+    v0 = tl.load(v_ptr + rows64[:, None] * stride_vn + 2 * offs_g[None, :], mask=mask, other=0.0,
+                 eviction_policy=STREAM)
+    v1 = tl.load(v_ptr + rows64[:, None] * stride_vn + 2 * offs_g[None, :] + 1, mask=mask, other=0.0,
+                 eviction_policy=STREAM)
+    mb = tl.load(meta_ptr + rows64[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask, other=0,
+                 eviction_policy=STREAM).to(tl.int32)
     nib = (mb >> (4 * (offs_g % 2))[None, :]) & 15
     i0 = nib & 3
     i1 = nib >> 2

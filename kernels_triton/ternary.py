@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    STREAM,
     Config,
     cache_for,
     cfg,
@@ -132,9 +133,10 @@ def _ternary_gemv_kernel(
         a3 = tl.zeros([BLOCK_R, BLOCK_K // 4], dtype=tl.int32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
-                wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0)
+                wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0, eviction_policy=STREAM)
             else:
-                wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
+                wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0,
+                             eviction_policy=STREAM)
             q0 = _quant_at(x_row, k0 + 4 * offs_kw, stride_xk, k_hi, xs, zero, EVEN_K)
             q1 = _quant_at(x_row, k0 + 4 * offs_kw + 1, stride_xk, k_hi, xs, zero, EVEN_K)
             q2 = _quant_at(x_row, k0 + 4 * offs_kw + 2, stride_xk, k_hi, xs, zero, EVEN_K)
@@ -250,10 +252,11 @@ def _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k0, k_hi, stride_xk, E
     """One step's weight words [BLOCK_R, BLOCK_K/4] and x [BLOCK_K] at column k0 (with a K tail,
     nothing at or past k_hi is read: masked words are 0 and masked x is 0, adding nothing)."""
     if EVEN_K:  # k0 is always a whole step inside the range and rows are clamped: no masks
-        wd = tl.load(q_ptrs + k0 // 4)
+        wd = tl.load(q_ptrs + k0 // 4, eviction_policy=STREAM)
         xv = tl.load(x_ptrs + k0 * stride_xk)
     else:
-        wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
+        wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0,
+                     eviction_policy=STREAM)
         xv = tl.load(x_ptrs + k0 * stride_xk, mask=k0 + offs_x < k_hi, other=0.0)
     return wd, xv
 
@@ -269,10 +272,11 @@ def _ternary_gemv_float(x_row, q_ptrs, r_mask, offs_kw, offs_k, xs, zero, k_lo, 
     xq_sum = tl.zeros([1], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:  # no K tail: unmasked (vectorized) loads
-            wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0)
+            wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None], other=0, eviction_policy=STREAM)
             xv = tl.load(x_row + (k0 + offs_k) * stride_xk).to(tl.float32)
         else:
-            wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0)
+            wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & (k0 + 4 * offs_kw < k_hi)[None, :], other=0,
+                         eviction_policy=STREAM)
             xv = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=k0 + offs_k < k_hi, other=0.0).to(tl.float32)
         xq = _quant(xv, xs, zero)
         xq_sum += tl.sum(xq[None, :], axis=1)
@@ -372,7 +376,8 @@ def _ternary_mm_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = k0 + offs_k < k_hi
         a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & kmask[None, :], other=0)
-        b = tl.load(q_ptrs + k0, mask=r_mask[:, None] & kmask[None, :], other=0x55).to(tl.int32)  # 0x55: all w=0
+        b = tl.load(q_ptrs + k0, mask=r_mask[:, None] & kmask[None, :], other=0x55,
+                    eviction_policy=STREAM).to(tl.int32)  # 0x55: all w=0
         a0 = tl.dot(a, tl.trans(((b & 3) - 1).to(tl.int8)), a0, out_dtype=tl.int32)
         a1 = tl.dot(a, tl.trans((((b >> 2) & 3) - 1).to(tl.int8)), a1, out_dtype=tl.int32)
         a2 = tl.dot(a, tl.trans((((b >> 4) & 3) - 1).to(tl.int8)), a2, out_dtype=tl.int32)

@@ -290,6 +290,16 @@ def test_forced_split_k_is_exact_and_deterministic(monkeypatch, split, m):
 
 
 @cuda
+@pytest.mark.parametrize("m", [1, 12, 40])
+def test_l2_policy_changes_no_bit(monkeypatch, m):
+    # The weight stream's evict-first policy is a cache hint only: results are bit-identical.
+    ys = [_int4_case(m, 640, 2048, 128, True, torch.float16, seed=5)]
+    monkeypatch.setenv("LOWBIT_CUDA_W4_NO_L2_HINT", "1")
+    ys.append(_int4_case(m, 640, 2048, 128, True, torch.float16, seed=5))
+    assert torch.equal(ys[0], ys[1])
+
+
+@cuda
 @pytest.mark.parametrize("dtype", HALF)
 def test_dense_path_and_dequant_kernel(monkeypatch, dtype):
     from lowbit.backends import cuda as be

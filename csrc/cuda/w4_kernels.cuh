@@ -7,9 +7,10 @@
 // so one MMA serves up to 8 tokens and nothing is wasted on padding M to 16.
 //   * A warp owns R row tiles (16R weight rows) and NT token tiles (8NT tokens); a block has
 //     4 warps (64R rows) and a grid (token tiles, row blocks, K splits).
-//   * Weights go straight from global memory to registers: each lane's 16-byte load is its
-//     A fragments for 4 k steps (512 contiguous bytes per warp), streamed past L1, P k-blocks
-//     in flight per warp (a register ring, no shared memory, no block barrier in the loop).
+//   * Weights stream by cp.async into a per-warp ring of P k blocks in shared memory: each
+//     lane's 16-byte copy is its A fragments for 4 k steps (512 contiguous bytes per warp), a
+//     lane reads back only its own slots (no block barrier in the loop), and the copies carry
+//     an L2 evict-first policy (each weight byte is read once a call).
 //   * Dequantization in registers: int4 codes land in the mantissa of fp16 1024+q / bf16
 //     128+q (lop3 mask-or), one exact fma removes the offset, one fma applies scale and
 //     -zero*scale. nf4: each byte of codes indexes a 256-entry table of code pairs in shared
@@ -139,14 +140,29 @@ struct Params {
   int bias_dtype;
   void* out;
   int M, N, K, n_rt, nkb, num_groups, gshift;
+  int l2_evict_first;  // stream the weights with an L2 evict-first policy (see l2_policy)
 };
 
+// The L2 policy of the weight stream. Each weight byte is read once a call, so its lines are
+// marked evict-first: the L2 recycles them instead of evicting what else lives there (the
+// activations, a KV cache, or dirty lines another kernel left, which would cost a write-back
+// each). Marlin streams its weights the same way.
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
+  uint64_t pol;
+  if (evict_first) {
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  } else {
+    asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+  }
+  return pol;
+}
+
 // A 16-byte load that streams past L1 (each weight byte is read once).
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+__device__ __forceinline__ uint4 ld_stream(const uint4* p, uint64_t pol) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
+               : "l"(p), "l"(pol));
   return r;
 }
 
@@ -205,14 +221,17 @@ struct Smem {
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint64_t pol) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "l"(pol)
+               : "memory");
 }
 template <int N>
-__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem) {  // N = 4 or 8
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, uint64_t pol) {  // N = 4 or 8
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(N) : "memory");
+  asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], %2, %3;" ::"r"(s), "l"(gmem), "n"(N),
+               "l"(pol)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -261,12 +280,13 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
   }
 
   // Weights and scales of k block kb into ring slot `slot`: asynchronous copies, one group.
+  const uint64_t pol = l2_policy(p.l2_evict_first != 0);
   auto issue = [&](int slot, int kb) {
     const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * t) >> p.gshift);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32);
-      cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8);
+      cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32, pol);
+      cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8, pol);
     }
     cp_async_commit();
   };
@@ -415,6 +435,7 @@ __global__ void __launch_bounds__(256) w4_dequant_kernel(const Params p) {
   }
   const int64_t total = static_cast<int64_t>(p.n_rt) * p.nkb * 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const uint64_t pol = l2_policy(p.l2_evict_first != 0);
   // Two items per thread per step, both loads issued first (two 16-byte loads in flight).
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < total; base += 2 * stride) {
     int64_t idx[2] = {base, base + stride < total ? base + stride : base};
@@ -427,7 +448,7 @@ __global__ void __launch_bounds__(256) w4_dequant_kernel(const Params p) {
       const int kb = static_cast<int>(tile % p.nkb);
       const int64_t rt = tile / p.nkb;
       const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * (lane & 3)) >> p.gshift);
-      wv[u] = ld_stream(p.w + idx[u]);
+      wv[u] = ld_stream(p.w + idx[u], pol);
       sv[u] = static_cast<const ST*>(p.s)[(rt * p.num_groups + gi) * 8 + (lane >> 2)];
     }
 #pragma unroll
@@ -539,6 +560,8 @@ inline Params make_params(const W4Args& a) {
     while ((int64_t{1} << shift) < a.group_size) ++shift;
   }
   p.gshift = shift;
+  // LOWBIT_CUDA_W4_NO_L2_HINT=1 streams the weights with the default L2 policy (for A/B runs).
+  p.l2_evict_first = env_int("LOWBIT_CUDA_W4_NO_L2_HINT") ? 0 : 1;
   return p;
 }
 
