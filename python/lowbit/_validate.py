@@ -11,6 +11,7 @@ import torch
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 INT4_GROUP_SIZES = (32, 64, 128)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 
 
 def _activation(x: torch.Tensor, fn: str) -> int:
@@ -27,7 +28,32 @@ def _bias(bias: torch.Tensor | None, n: int, fn: str) -> None:
         check_tensor(bias, "bias", dtype=FLOAT_DTYPES, shape=(n,), fn=fn)
 
 
+def int4_fast_ok(x, qweight, scales, zeros, group_size, bias) -> bool:
+    """True for the common valid call, checked with plain attribute tests (no message built);
+    False means: run the full checks, which name what is wrong."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(qweight, torch.Tensor)
+            and isinstance(scales, torch.Tensor) and type(group_size) is int and group_size > 0):
+        return False
+    k = x.shape[-1]
+    if k <= 0 or k % 2 or group_size % 2 or k % group_size or qweight.dim() != 2:
+        return False
+    n = qweight.shape[0]
+    dev = x.device
+    shape = (n, k // group_size)
+    return (
+        x.dtype in _FLOAT_SET
+        and qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == k and qweight.device == dev
+        and scales.dtype in _FLOAT_SET and scales.shape == shape and scales.device == dev
+        and (zeros is None or (isinstance(zeros, torch.Tensor) and zeros.dtype in _FLOAT_SET
+                               and zeros.shape == shape and zeros.device == dev))
+        and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in _FLOAT_SET
+                              and bias.shape == (n,) and bias.device == dev))
+    )
+
+
 def int4_matmul(x, qweight, scales, zeros, group_size, bias) -> list[int]:
+    if int4_fast_ok(x, qweight, scales, zeros, group_size, bias):
+        return [*x.shape[:-1], qweight.shape[0]]
     fn = "lowbit.int4_matmul"
     k = _activation(x, fn)
     check_tensor(qweight, "qweight", dtype=torch.uint8, ndim=2, fn=fn)
@@ -78,7 +104,34 @@ def nf4_matmul(
     return [*x.shape[:-1], out_features]
 
 
+def ternary_fast_ok(x, qweight, weight_scale, out_features, bias) -> bool:
+    """True for the common valid call, checked with plain attribute tests (no message built);
+    False means: run the full checks, which name what is wrong."""
+    if not (type(out_features) is int and out_features > 0 and isinstance(x, torch.Tensor) and x.dim() >= 1):
+        return False
+    k = x.shape[-1]
+    n = out_features
+    dev = x.device
+    return (
+        k > 0
+        and x.dtype in _FLOAT_SET
+        and isinstance(qweight, torch.Tensor)
+        and qweight.dtype == torch.uint8
+        and qweight.shape == ((n + 3) // 4, k)
+        and isinstance(weight_scale, torch.Tensor)
+        and weight_scale.dtype == torch.float32
+        and weight_scale.dim() == 1
+        and weight_scale.shape[0] in (1, n)
+        and qweight.device == dev
+        and weight_scale.device == dev
+        and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in _FLOAT_SET
+                              and bias.shape == (n,) and bias.device == dev))
+    )
+
+
 def ternary_matmul(x, qweight, weight_scale, out_features, bias) -> list[int]:
+    if ternary_fast_ok(x, qweight, weight_scale, out_features, bias):
+        return [*x.shape[:-1], out_features]
     fn = "lowbit.ternary_matmul"
     k = _activation(x, fn)
     check_tensor(qweight, "qweight", dtype=torch.uint8, ndim=2, fn=fn)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import check_tensor
+from ..._validate import int4_fast_ok
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
@@ -56,31 +57,9 @@ class Int4Call(NativeCall):
         )
 
 
-def _int4_fast_ok(x, qweight, scales, zeros, group_size, bias) -> bool:
-    """The common valid call, checked with plain attribute tests (no message building)."""
-    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(qweight, torch.Tensor)
-            and isinstance(scales, torch.Tensor) and type(group_size) is int and group_size > 0):
-        return False
-    k = x.shape[-1]
-    if k <= 0 or k % 2 or group_size % 2 or k % group_size or qweight.dim() != 2:
-        return False
-    n = qweight.shape[0]
-    dev = x.device
-    shape = (n, k // group_size)
-    return (
-        x.dtype in DTYPE_CODES
-        and qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == k and qweight.device == dev
-        and scales.dtype in DTYPE_CODES and scales.shape == shape and scales.device == dev
-        and (zeros is None or (isinstance(zeros, torch.Tensor) and zeros.dtype in DTYPE_CODES
-                               and zeros.shape == shape and zeros.device == dev))
-        and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in DTYPE_CODES
-                              and bias.shape == (n,) and bias.device == dev))
-    )
-
-
 def _int4_check(x, qweight, scales, zeros, group_size, bias, fn: str) -> None:
     """Raise the TypeError/ValueError that names what is wrong with a call (the full checks,
-    for the calls ``_int4_fast_ok`` does not pass)."""
+    for the calls ``int4_fast_ok`` does not pass)."""
     check_tensor(x, "x", dtype=NATIVE_DTYPES, fn=fn)
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension, got shape {tuple(x.shape)}")
@@ -115,7 +94,7 @@ def prepare_int4(
 ) -> Int4Call:
     """Check every buffer size against ``x``'s K and ``qweight``'s N, make the weight tensors
     contiguous and ``x``'s rows unit-stride, and allocate the output."""
-    if not _int4_fast_ok(x, qweight, scales, zeros, group_size, bias):
+    if not int4_fast_ok(x, qweight, scales, zeros, group_size, bias):
         _int4_check(x, qweight, scales, zeros, group_size, bias, fn)
     n = qweight.shape[0]
     x2, row_stride = rows_with_unit_stride(x)

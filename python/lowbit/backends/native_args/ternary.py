@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_tensor
+from ..._validate import ternary_fast_ok
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
@@ -72,33 +73,9 @@ class TernaryCall(NativeCall):
 
 
 
-def _ternary_fast_ok(x, qweight, weight_scale, out_features, bias) -> bool:
-    """The common valid call, checked with plain attribute tests (no message building)."""
-    if not (type(out_features) is int and out_features > 0 and isinstance(x, torch.Tensor) and x.dim() >= 1):
-        return False
-    k = x.shape[-1]
-    n = out_features
-    dev = x.device
-    return (
-        0 < k <= TERNARY_MAX_K
-        and x.dtype in DTYPE_CODES
-        and isinstance(qweight, torch.Tensor)
-        and qweight.dtype == torch.uint8
-        and qweight.shape == ((n + 3) // 4, k)
-        and isinstance(weight_scale, torch.Tensor)
-        and weight_scale.dtype == torch.float32
-        and weight_scale.dim() == 1
-        and weight_scale.shape[0] in (1, n)
-        and qweight.device == dev
-        and weight_scale.device == dev
-        and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in DTYPE_CODES
-                              and bias.shape == (n,) and bias.device == dev))
-    )
-
-
 def _ternary_check(x, qweight, weight_scale, out_features, bias, fn: str) -> None:
     """Raise the TypeError/ValueError that names what is wrong with a call (the full checks,
-    for the calls ``_ternary_fast_ok`` does not pass)."""
+    for the calls ``ternary_fast_ok`` does not pass)."""
     check_tensor(x, "x", dtype=NATIVE_DTYPES, fn=fn)
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension, got shape {tuple(x.shape)}")
@@ -131,7 +108,7 @@ def prepare_ternary(
 ) -> TernaryCall:
     """Check every buffer size against ``x``'s K and ``out_features``, make the weight tensors
     contiguous and ``x``'s rows unit-stride, and allocate the output."""
-    if not _ternary_fast_ok(x, qweight, weight_scale, out_features, bias):
+    if not (ternary_fast_ok(x, qweight, weight_scale, out_features, bias) and x.shape[-1] <= TERNARY_MAX_K):
         _ternary_check(x, qweight, weight_scale, out_features, bias, fn)
     k = x.shape[-1]
     if x.dim() == 2 and x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) >= k):
