@@ -28,28 +28,34 @@ def check_tensor(
 ) -> None:
     """Check that ``t`` is a tensor of an allowed dtype, rank and shape.
 
-    ``shape`` entries that are ``None`` match any size.
+    ``shape`` entries that are ``None`` match any size. (The passing path builds no message:
+    a decode step validates several tensors per op call.)
     """
-    p = _prefix(fn)
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{p}{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtype is not None:
+        raise TypeError(f"{_prefix(fn)}{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype is not dtype and (isinstance(dtype, torch.dtype) or t.dtype not in dtype):
         allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
-        if t.dtype not in allowed:
-            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-            raise TypeError(f"{p}{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{_prefix(fn)}{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
     if ndim is not None:
-        allowed_nd = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if t.dim() not in allowed_nd:
+        nd = t.dim()
+        if nd != ndim and (isinstance(ndim, int) or nd not in ndim):
+            allowed_nd = (ndim,) if isinstance(ndim, int) else tuple(ndim)
             raise ValueError(
-                f"{p}{name} must have {' or '.join(map(str, allowed_nd))} dimensions, "
+                f"{_prefix(fn)}{name} must have {' or '.join(map(str, allowed_nd))} dimensions, "
                 f"got shape {tuple(t.shape)}"
             )
     if shape is not None:
-        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+        ts = t.shape
+        ok = len(ts) == len(shape)
+        if ok:
+            for s, d in zip(shape, ts):
+                if s is not None and s != d:
+                    ok = False
+                    break
         if not ok:
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-            raise ValueError(f"{p}{name} must have shape {want}, got {tuple(t.shape)}")
+            raise ValueError(f"{_prefix(fn)}{name} must have shape {want}, got {tuple(ts)}")
 
 
 def check_finite(t: torch.Tensor, name: str, fn: str = "") -> None:
@@ -69,10 +75,14 @@ def check_positive_int(v: object, name: str, fn: str = "") -> int:
 
 def check_same_device(fn: str = "", **tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` if the given (non-None) tensors live on different devices."""
-    devices = {k: t.device for k, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
-        raise ValueError(f"{_prefix(fn)}all tensors must be on one device, got {listing}")
+    first = None
+    for t in tensors.values():
+        if t is not None:
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                listing = ", ".join(f"{k} on {u.device}" for k, u in tensors.items() if u is not None)
+                raise ValueError(f"{_prefix(fn)}all tensors must be on one device, got {listing}")
 
 
 def check_not_empty(t: torch.Tensor, name: str, fn: str = "") -> None:
