@@ -16,6 +16,23 @@ def dtype_code(dtype: torch.dtype) -> int:
         raise TypeError(f"lowbit native kernels take float32, float16 or bfloat16, got {dtype}") from None
 
 
+def on_device(device_type: str, *tensors: object) -> bool:
+    """True if every argument but the Nones is a tensor on ``device_type`` (a plain loop: this
+    runs at every call, where a generator costs more than the test)."""
+    for t in tensors:
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device.type != device_type):
+            return False
+    return True
+
+
+def float_dtypes(*tensors: torch.Tensor | None) -> bool:
+    """True if every argument but the Nones has a dtype the native kernels take."""
+    for t in tensors:
+        if t is not None and t.dtype not in DTYPE_CODES:
+            return False
+    return True
+
+
 def rows_with_unit_stride(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``x`` viewed as ``[M, K]`` with unit inner stride and its row stride in elements
     (copies only if no such view exists)."""

@@ -12,6 +12,8 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
+    float_dtypes,
+    on_device,
     opt_ptr,
     rows_with_unit_stride,
 )
@@ -19,12 +21,8 @@ from ._common import (
 
 def int4_supported(device_type: str, x, qweight, scales, zeros, bias) -> bool:
     """True if the tensors have the device and dtypes that a native int4 kernel takes."""
-    tensors = [t for t in (x, qweight, scales, zeros, bias) if t is not None]
-    if not all(isinstance(t, torch.Tensor) and t.device.type == device_type for t in tensors):
-        return False
-    if qweight.dtype != torch.uint8:
-        return False
-    return all(t.dtype in DTYPE_CODES for t in (x, scales, zeros, bias) if t is not None)
+    return (on_device(device_type, x, qweight, scales, zeros, bias) and qweight.dtype == torch.uint8
+            and float_dtypes(x, scales, zeros, bias))
 
 
 @dataclass

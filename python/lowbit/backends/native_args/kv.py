@@ -13,6 +13,8 @@ from ._common import (
     NATIVE_DTYPES,
     NativeCall,
     dtype_code,
+    float_dtypes,
+    on_device,
     unit_inner,
 )
 
@@ -22,14 +24,13 @@ _KV_NAMES = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 def kv_attention_supported(device_type: str, q, k, k_scale, k_zero, v, v_scale, v_zero, scale) -> bool:
     """True if the tensors have the device and dtypes that a native kv_attention kernel takes
     (and ``scale`` is None or finite)."""
-    tensors = [t for t in (q, k, k_scale, k_zero, v, v_scale, v_zero) if t is not None]
-    if not all(isinstance(t, torch.Tensor) and t.device.type == device_type for t in tensors):
+    if not on_device(device_type, q, k, k_scale, k_zero, v, v_scale, v_zero):
         return False
     if k.dtype not in (torch.int8, torch.uint8) or v.dtype != k.dtype:
         return False
     if scale is not None and not math.isfinite(scale):
         return False
-    return all(t.dtype in DTYPE_CODES for t in (q, k_scale, k_zero, v_scale, v_zero) if t is not None)
+    return float_dtypes(q, k_scale, k_zero, v_scale, v_zero)
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:

@@ -11,6 +11,8 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
+    float_dtypes,
+    on_device,
     opt_code,
     opt_ptr,
     rows_with_unit_stride,
@@ -19,12 +21,9 @@ from ._common import (
 
 def nf4_supported(device_type: str, x, qweight, absmax, absmax_scale, absmax_code, bias) -> bool:
     """True if the tensors have the device and dtypes that a native nf4 kernel takes."""
-    tensors = [t for t in (x, qweight, absmax, absmax_scale, absmax_code, bias) if t is not None]
-    if not all(isinstance(t, torch.Tensor) and t.device.type == device_type for t in tensors):
+    if not on_device(device_type, x, qweight, absmax, absmax_scale, absmax_code, bias):
         return False
-    if qweight.dtype != torch.uint8 or x.dtype not in DTYPE_CODES:
-        return False
-    if bias is not None and bias.dtype not in DTYPE_CODES:
+    if qweight.dtype != torch.uint8 or not float_dtypes(x, bias):
         return False
     if absmax_scale is None:
         return absmax.dtype == torch.float32 and absmax_code is None

@@ -11,6 +11,8 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
+    float_dtypes,
+    on_device,
     opt_code,
     opt_ptr,
     rows_with_unit_stride,
@@ -19,12 +21,7 @@ from ._common import (
 
 def sparse24_supported(device_type: str, x, values, meta, bias) -> bool:
     """True if the tensors have the device and dtypes that a native sparse24 kernel takes."""
-    tensors = [t for t in (x, values, meta, bias) if t is not None]
-    if not all(isinstance(t, torch.Tensor) and t.device.type == device_type for t in tensors):
-        return False
-    if meta.dtype != torch.uint8:
-        return False
-    return all(t.dtype in DTYPE_CODES for t in (x, values, bias) if t is not None)
+    return on_device(device_type, x, values, meta, bias) and meta.dtype == torch.uint8 and float_dtypes(x, values, bias)
 
 
 @dataclass

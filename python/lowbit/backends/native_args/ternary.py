@@ -10,6 +10,8 @@ from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
     NativeCall,
+    float_dtypes,
+    on_device,
     rows_with_unit_stride,
 )
 
@@ -19,14 +21,11 @@ TERNARY_MAX_K = 1 << 22
 
 def ternary_supported(device_type: str, x, qweight, weight_scale, bias) -> bool:
     """True if the tensors have the device, dtypes and sizes that a native ternary kernel takes."""
-    for t in (x, qweight, weight_scale, bias):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device.type != device_type):
-            return False
     return (
-        qweight.dtype == torch.uint8
+        on_device(device_type, x, qweight, weight_scale, bias)
+        and qweight.dtype == torch.uint8
         and weight_scale.dtype == torch.float32
-        and x.dtype in DTYPE_CODES
-        and (bias is None or bias.dtype in DTYPE_CODES)
+        and float_dtypes(x, bias)
         and x.dim() >= 1
         and x.shape[-1] <= TERNARY_MAX_K  # the int32 accumulator bound of csrc/common/ternary_matmul.h
     )
