@@ -73,9 +73,37 @@ def int4_matmul(x, qweight, scales, zeros, group_size, bias) -> list[int]:
     return [*x.shape[:-1], n]
 
 
+def nf4_fast_ok(x, qweight, absmax, absmax_scale, absmax_code, blocksize, out_features, bias) -> bool:
+    """True for the common valid nf4 call, checked with plain attribute tests (no message built);
+    False means: run the full checks, which name what is wrong."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(qweight, torch.Tensor)
+            and isinstance(absmax, torch.Tensor) and type(out_features) is int and out_features > 0
+            and type(blocksize) is int and 32 <= blocksize <= 4096 and not blocksize & (blocksize - 1)):
+        return False
+    k = x.shape[-1]
+    numel = out_features * k
+    nblocks = -(-numel // blocksize)
+    dev = x.device
+    if not (k > 0 and x.dtype in _FLOAT_SET and qweight.dtype == torch.uint8 and qweight.device == dev
+            and qweight.numel() == (numel + 1) // 2 and absmax.shape == (nblocks,) and absmax.device == dev):
+        return False
+    if absmax_scale is None:
+        ok = absmax.dtype == torch.float32 and absmax_code is None
+    else:
+        ok = (absmax.dtype == torch.uint8
+              and isinstance(absmax_scale, torch.Tensor) and absmax_scale.dtype == torch.float32
+              and absmax_scale.shape == (-(-nblocks // 256),) and absmax_scale.device == dev
+              and isinstance(absmax_code, torch.Tensor) and absmax_code.dtype == torch.float32
+              and absmax_code.shape == (256,) and absmax_code.device == dev)
+    return ok and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in _FLOAT_SET
+                                    and bias.shape == (out_features,) and bias.device == dev))
+
+
 def nf4_matmul(
     x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features, bias
 ) -> list[int]:
+    if nf4_fast_ok(x, qweight, absmax, absmax_scale, absmax_code, blocksize, out_features, bias):
+        return [*x.shape[:-1], out_features]
     fn = "lowbit.nf4_matmul"
     k = _activation(x, fn)
     check_tensor(qweight, "qweight", dtype=torch.uint8, fn=fn)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import check_tensor
+from ..._validate import nf4_fast_ok
 from ._common import (
     DTYPE_CODES,
     NATIVE_DTYPES,
@@ -61,20 +62,10 @@ class Nf4Call(NativeCall):
             m, self.out.shape[1], k, self.blocksize,
         )
 
-def prepare_nf4(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    absmax_offset: float,
-    blocksize: int,
-    out_features: int,
-    bias: torch.Tensor | None,
-    fn: str,
-) -> Nf4Call:
-    """Check every buffer size against ``x``'s K and ``out_features``, make the weight tensors
-    contiguous and ``x``'s rows unit-stride, and allocate the output."""
+def _nf4_check(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features, bias,
+               fn: str) -> None:
+    """Raise the TypeError/ValueError that names what is wrong with a call (the full checks,
+    for the calls ``nf4_fast_ok`` does not pass)."""
     check_tensor(x, "x", dtype=NATIVE_DTYPES, fn=fn)
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension, got shape {tuple(x.shape)}")
@@ -109,6 +100,26 @@ def prepare_nf4(
                     ("absmax_code", absmax_code), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+
+
+def prepare_nf4(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    absmax_offset: float,
+    blocksize: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+    fn: str,
+) -> Nf4Call:
+    """Check every buffer size against ``x``'s K and ``out_features``, make the weight tensors
+    contiguous and ``x``'s rows unit-stride, and allocate the output."""
+    if not (nf4_fast_ok(x, qweight, absmax, absmax_scale, absmax_code, blocksize, out_features, bias)
+            and (absmax_scale is not None or float(absmax_offset) == 0.0)):
+        _nf4_check(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features, bias, fn)
+    n = out_features
     x2, row_stride = rows_with_unit_stride(x)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     return Nf4Call(
