@@ -290,6 +290,23 @@ def test_forced_split_k_is_exact_and_deterministic(monkeypatch, split, m):
 
 
 @cuda
+@pytest.mark.parametrize("tile", range(11))
+@pytest.mark.parametrize("m", [17, 40, 64, 130, 300])
+def test_tile_candidates_match_reference(monkeypatch, tile, m):
+    # LOWBIT_CUDA_W4_TILE picks a tile candidate for M > 16 in builds with -DLOWBIT_W4_TUNING
+    # (ignored otherwise): each must be exact, with a K tail (K % 64 = 32) and a partial row block.
+    monkeypatch.setenv("LOWBIT_CUDA_W4_TILE", str(tile))
+    for g, dtype in ((32, torch.float16), (128, torch.bfloat16)):
+        _int4_case(m, 600, 1056, g, asym=tile % 2 == 0, dtype=dtype, seed=tile + m)
+    p = make_nf4(600, 1024, 64, double_quant=True, seed=m, device="cuda")
+    x = torch.randn(m, 1024, dtype=torch.float16, device="cuda")
+    args = (x, p.qweight, p.absmax, p.absmax_scale, p.absmax_code, p.absmax_offset, 64, 600, None)
+    from lowbit.backends import cuda as be
+
+    _check(be.nf4_matmul(*args), reference.nf4_matmul(*args), torch.float16)
+
+
+@cuda
 @pytest.mark.parametrize("m", [1, 12, 40])
 def test_l2_policy_changes_no_bit(monkeypatch, m):
     # The weight stream's evict-first policy is a cache hint only: results are bit-identical.

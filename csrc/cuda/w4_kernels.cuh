@@ -6,17 +6,20 @@
 // of mma.m16n8k16 (16 weight rows x 16 k) and the activations the B operand (16 k x 8 tokens),
 // so one MMA serves up to 8 tokens and nothing is wasted on padding M to 16.
 //   * A warp owns R row tiles (16R weight rows) and NT token tiles (8NT tokens); a block has
-//     4 warps (64R rows) and a grid (token tiles, row blocks, K splits).
+//     W warps (16RW rows) and a grid (token tiles, row blocks, K splits).
 //   * Weights stream by cp.async into a per-warp ring of P k blocks in shared memory: each
 //     lane's 16-byte copy is its A fragments for 4 k steps (512 contiguous bytes per warp), a
-//     lane reads back only its own slots (no block barrier in the loop), and the copies carry
-//     an L2 evict-first policy (each weight byte is read once a call).
+//     lane reads back only its own slots, and the copies carry an L2 evict-first policy (each
+//     weight byte is read once a call).
 //   * Dequantization in registers: int4 codes land in the mantissa of fp16 1024+q / bf16
 //     128+q (lop3 mask-or), one exact fma removes the offset, one fma applies scale and
 //     -zero*scale. nf4: each byte of codes indexes a 256-entry table of code pairs in shared
 //     memory with one copy per lane (bank = lane: conflict free), then one fma by the absmax.
 //   * The activations of a lane are 16 contiguous halves per k block (the layout permutes k
-//     inside a block to make it so): two 16-byte loads through L1, which all warps share.
+//     inside a block to make it so). Up to 16 tokens: two 16-byte loads through L1 a token
+//     tile, into registers (no block barrier in the loop). Beyond (XS): the block copies each
+//     k block's [8NT x 64] activation tile into a shared ring alongside the weights (one
+//     barrier a k block), and each dequantized A fragment feeds all NT token tiles.
 //   * Split K (small-N shapes, to fill every SM) on Hopper reduces through distributed shared
 //     memory: the K splits of a tile form one thread block cluster; each block parks its fp32
 //     partial tile in shared memory, and after a cluster barrier each reduces 1/S of the tile
@@ -43,14 +46,12 @@
 #include "../common/w4_matmul.h"
 #include "cuda_util.h"
 #include "w4_launch.h"
+#include "wgmma_ops.cuh"
 
 namespace lowbit {
 namespace cuda {
 namespace w4 {
 namespace {
-
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
 
 // bitsandbytes' NF4 code values (lowbit.formats.nf4.NF4_CODE).
 __constant__ float kNF4Code[16] = {
@@ -208,16 +209,19 @@ __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t
 }
 
 // Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
-// k blocks (weights, scales); after the main loop the reduction tile reuses it from offset 0.
-template <int FMT, int R, int NT, int P>
-struct Smem {
+// k blocks (weights, scales), then (XS) the block's ring of P activation tiles; after the main
+// loop the reduction tile reuses it from offset 0.
+template <int FMT, int W, int R, int NT, int P, bool XS>
+struct Smem {  // (the wgmma mode's activation tile has the same size, another arrangement)
   using ST = typename ScaleT<FMT>::type;
   static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
-  static constexpr int kRingW = kWarps * P * R * 32 * 16;
-  static constexpr int kRingS = kWarps * P * R * 32 * static_cast<int>(sizeof(ST));
-  static constexpr int kBN = 16 * R * kWarps;
+  static constexpr int kRingW = W * P * R * 32 * 16;
+  static constexpr int kRingS = W * P * R * 32 * static_cast<int>(sizeof(ST));
+  static constexpr int kStageX = XS ? 8 * NT * 128 : 0;  // [8 NT tokens][64 halves], swizzled
+  static constexpr int kRingX = P * kStageX;
+  static constexpr int kBN = 16 * R * W;
   static constexpr int kRedBytes = 8 * NT * (kBN + 4) * 4;
-  static constexpr int kMain = kLutBytes + kRingW + kRingS;
+  static constexpr int kMain = kLutBytes + kRingW + kRingS + kRingX;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
 };
 
@@ -225,6 +229,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint64_
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "l"(pol)
                : "memory");
+}
+// 16 bytes, or 16 zero bytes when !full (src is then not read).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool full) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0) : "memory");
+}
+// 4 bytes, or 4 zero bytes when !full.
+__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool full) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(full ? 4 : 0) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, uint64_t pol) {  // N = 4 or 8
@@ -237,15 +251,54 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-template <int FMT, int DT, int R, int NT, int P>
-__global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
+// W warps, each owning R row tiles, and NT token tiles; P k blocks in flight. XS: the block
+// stages each k block's activation tile in shared memory (cp.async, shared by all warps; one
+// barrier a k block), for the larger token tiles whose activations would otherwise be
+// reloaded by every warp; else each lane loads its own activations into registers.
+// wgmma helpers (sm_90a; the kernels that use them are launched only from an sm_90a binary).
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
+}
+// Makes this thread's shared-memory writes (cp.async included) visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+// Descriptor of a K-major B operand without swizzle: 8x8 core matrices of 8 tokens x 16 bytes,
+// the two k halves of a k16 step 128 bytes apart (leading byte offset), token groups of 8
+// 256 bytes apart (stride byte offset).
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(smem));
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
+}
+
+// MODE kRegX: activations in registers, mma.sync; kSmemX: activation tile in shared memory,
+// mma.sync; kWgmma: the tile in wgmma's core-matrix arrangement, one wgmma.m64n(8NT)k16 a warpgroup
+// for each row tile index and k step (sm_90a).
+enum { kRegX = 0, kSmemX = 1, kWgmma = 2 };
+
+template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
+__global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
+  constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma;
   static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
+  static_assert(!XS || (2 * NT) % W == 0, "each thread copies the same number of 16-byte chunks of the tile");
+  static_assert(!WG || (W % 4 == 0 && NT % W == 0), "whole warpgroups; whole token groups a warp");
   using A = Act<DT>;
   using ST = typename ScaleT<FMT>::type;
-  using SM = Smem<FMT, R, NT, P>;
-  constexpr int BN = 16 * R * kWarps;  // weight rows per block
-  constexpr int BM = 8 * NT;           // tokens per block
-  constexpr int LD = BN + 4;           // reduction tile row pitch (words): conflict-free stores
+  using SM = Smem<FMT, W, R, NT, P, XS>;
+  constexpr int kThr = 32 * W;
+  constexpr int BN = 16 * R * W;  // weight rows per block
+  constexpr int BM = 8 * NT;      // tokens per block
+  constexpr int LD = BN + 4;      // reduction tile row pitch (words): conflict-free stores
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem_raw);
 
@@ -257,11 +310,12 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
   const int kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
   const int kb1 = static_cast<int>(static_cast<int64_t>(split + 1) * p.nkb / S);
   const int kb_last = max(kb1 - 1, kb0);  // the host never makes an empty split
-  const int rt0 = (rb * kWarps + warp) * R;
+  const int rt0 = (rb * W + warp) * R;
 
   // This lane's slots in its warp's ring: weights [P][R][32 lanes] uint4, scales likewise.
   uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes) + warp * P * R * 32 + lane;
   ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kRingW) + warp * P * R * 32 + lane;
+  unsigned char* xring = smem_raw + SM::kLutBytes + SM::kRingW + SM::kRingS;
 
   // Row tiles past the weight (in the last block) read row tile 0: never stored.
   const uint4* wp[R];
@@ -272,14 +326,37 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
     wp[r] = p.w + rt * p.nkb * 32 + lane;
     sp[r] = static_cast<const ST*>(p.s) + rt * p.num_groups * 8 + g;
   }
-  const uint4* xp[NT];
+  // Activation rows: per token tile (registers) or per 16-byte chunk of the tile this thread
+  // copies (XS), or (WG) per 8-token group this warp copies. Tokens past M read row M-1 and
+  // are never stored.
+  constexpr int kXC = WG ? NT / W : XS ? 2 * NT / W : NT;
+  const uint16_t* xrow[kXC];
+  int xdst[kXC], xk[kXC];
 #pragma unroll
-  for (int i = 0; i < NT; ++i) {
-    const int tok = min(tt * BM + 8 * i + g, p.M - 1);  // tokens past M: any valid row, never stored
-    xp[i] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + tok * p.x_row_stride);
+  for (int i = 0; i < kXC; ++i) {
+    if constexpr (WG) {
+      // Lane (g, t) copies token 8q + g's pairs of physical k 16t + 4j + 2h (+1) for every k
+      // step j and half h: the k16 step j of the layout's A fragments takes logical k 2t + 8h
+      // (+1) from there, and the core matrix row of token g holds logical k 8h .. 8h+7.
+      const int q = warp * kXC + i;
+      const int tok = min(tt * BM + 8 * q + g, p.M - 1);
+      xrow[i] = static_cast<const uint16_t*>(p.x) + static_cast<int64_t>(tok) * p.x_row_stride + 16 * t;
+      xdst[i] = q * 256 + g * 16 + 4 * t;
+      xk[i] = 16 * t;
+      continue;
+    }
+    // XS chunk e = row (e >> 3), 16-byte column c = e & 7, stored at column c ^ (row & 7):
+    // the eight lanes of a 16-byte shared load phase then hit eight distinct bank groups.
+    const int e = tid + i * kThr;
+    const int row = XS ? e >> 3 : 8 * i + g, c = e & 7;
+    const int tok = min(tt * BM + row, p.M - 1);
+    xrow[i] = static_cast<const uint16_t*>(p.x) + static_cast<int64_t>(tok) * p.x_row_stride;
+    xdst[i] = row * 128 + ((c ^ (row & 7)) << 4);
+    xk[i] = 8 * c;
   }
 
-  // Weights and scales of k block kb into ring slot `slot`: asynchronous copies, one group.
+  // Weights and scales of k block kb (XS: and its activation tile) into ring slot `slot`:
+  // asynchronous copies, one group.
   const uint64_t pol = l2_policy(p.l2_evict_first != 0);
   auto issue = [&](int slot, int kb) {
     const int gi = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * t) >> p.gshift);
@@ -288,17 +365,39 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
       cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32, pol);
       cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8, pol);
     }
+    if constexpr (WG) {
+      // Past K (K a multiple of 32) a lane's pairs are zero-filled: the weights there are padding.
+#pragma unroll
+      for (int i = 0; i < kXC; ++i) {
+        const bool full = kb * 64 + xk[i] + 16 <= p.K;
+        const uint16_t* src = xrow[i] + (full ? kb * 64 : 0);
+        unsigned char* dst = xring + slot * SM::kStageX + xdst[i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) cp_async4_zfill(dst + j * NT * 256 + h * 128, src + 4 * j + 2 * h, full);
+      }
+    } else if constexpr (XS) {
+      // Past K (K a multiple of 8) a chunk is zero-filled: the weights there are padding.
+#pragma unroll
+      for (int i = 0; i < kXC; ++i) {
+        const int k = kb * 64 + xk[i];
+        const bool full = k + 8 <= p.K;
+        cp_async16_zfill(xring + slot * SM::kStageX + xdst[i], xrow[i] + (full ? k : 0), full);
+      }
+    }
     cp_async_commit();
   };
-  // Activations of k block kb: this lane's 16 halves of each token tile (registers). Past K
-  // (K a multiple of 32: a lane's 16 halves are all in or all out) it reads the row's first
+  // Activations of k block kb (register path): this lane's 16 halves of each token tile. Past
+  // K (K a multiple of 32: a lane's 16 halves are all in or all out) it reads the row's first
   // 16 halves and zeroes them: no branch around a load.
   auto load_x = [&](uint4 (&xr)[NT][2], int kb) {
     const bool xok = kb * 64 + 16 * t + 16 <= p.K;
     const int xoff = xok ? kb * 8 + 2 * t : 0;
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
-      const uint4 v0 = __ldg(xp[i] + xoff), v1 = __ldg(xp[i] + xoff + 1);
+      const uint4* src = reinterpret_cast<const uint4*>(xrow[XS ? 0 : i]) + xoff;
+      const uint4 v0 = __ldg(src), v1 = __ldg(src + 1);
       xr[i][0] = xok ? v0 : make_uint4(0u, 0u, 0u, 0u);
       xr[i][1] = xok ? v1 : make_uint4(0u, 0u, 0u, 0u);
     }
@@ -313,6 +412,11 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
       for (int c = 0; c < 4; ++c) acc[r][n][c] = 0.0f;
 
   const uint32_t* lut_lane = lut + lane;
+  // The A fragment (4 registers) of row tile r, k step j, from its ring slot's word.
+  auto frag = [&](uint32_t (&a)[4], uint32_t word, const uint32_t (&sc)[2], const uint32_t (&zc)[2]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = dequant<FMT, DT>(word, i, sc, zc, lut_lane);
+  };
   auto compute = [&](int slot, const uint4 (&xr)[NT][2]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -323,8 +427,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t a[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = dequant<FMT, DT>(words[j], i, sc, zc, lut_lane);
+        frag(a, words[j], sc, zc);
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           const uint4& xv = xr[n][j >> 1];
@@ -333,44 +436,131 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
       }
     }
   };
+  // XS: the activations of half a k block (k steps 2jj, 2jj+1) for every token tile come from
+  // the shared tile (16-byte loads, conflict free), and each A fragment serves all NT tiles.
+  auto compute_xs = [&](int slot) {
+    uint4 w[R];
+    uint32_t sc[R][2], zc[R][2];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      w[r] = wring[(slot * R + r) * 32];
+      split_scales<FMT>(sring[(slot * R + r) * 32], sc[r], zc[r]);
+    }
+    const unsigned char* xs = xring + slot * SM::kStageX + g * 128;
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      uint4 xv[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) xv[n] = *reinterpret_cast<const uint4*>(xs + n * 1024 + (((2 * t + jj) ^ g) << 4));
+#pragma unroll
+      for (int jh = 0; jh < 2; ++jh) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t word = jj == 0 ? (jh == 0 ? w[r].x : w[r].y) : (jh == 0 ? w[r].z : w[r].w);
+          uint32_t a[4];
+          frag(a, word, sc[r], zc[r]);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) A::mma(acc[r][n], a, jh ? xv[n].z : xv[n].x, jh ? xv[n].w : xv[n].y);
+        }
+      }
+    }
+  };
+
+  // WG: every A fragment of the k block first (registers a wgmma reads stay untouched until it
+  // completes), then one wgmma per row tile index and k step, then wait for them.
+  auto compute_wg = [&](int slot) {
+    uint32_t a[R][4][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4 w = wring[(slot * R + r) * 32];
+      uint32_t sc[2], zc[2];
+      split_scales<FMT>(sring[(slot * R + r) * 32], sc, zc);
+      frag(a[r][0], w.x, sc, zc);
+      frag(a[r][1], w.y, sc, zc);
+      frag(a[r][2], w.z, sc, zc);
+      frag(a[r][3], w.w, sc, zc);
+    }
+    const unsigned char* xs = xring + slot * SM::kStageX;
+    wgmma_fence();
+    if constexpr (WG) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t desc = wgmma_desc(xs + j * NT * 256);
+#pragma unroll
+        for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma(&acc[r][0][0], a[r][j], desc);
+      }
+    }
+    wgmma_commit_wait();
+  };
 
   // Prologue: P-1 k blocks in flight (indices clamped to the split), the first activations,
   // then (nf4) the code-pair table.
 #pragma unroll
   for (int s = 0; s < P - 1; ++s) issue(s, min(kb0 + s, kb_last));
-  uint4 xr[2][NT][2];
-  load_x(xr[0], kb0);
   if constexpr (FMT == kW4NF4) {
-    for (int i = tid; i < 256 * 32; i += kThreads) {
+    for (int i = tid; i < 256 * 32; i += kThr) {
       const int e = i >> 5;
       lut[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
     }
     __syncthreads();
   }
 
-  // Main loop over whole groups of P k blocks (P even): block kb is in ring slot
-  // (kb - kb0) % P and its activations in xr[(kb - kb0) % 2]. Each step first refills the
-  // slot consumed one step before, P-1 blocks ahead, and loads the next activations; the
-  // wait leaves the P-1 newest copy groups in flight. A lane reads only its own ring slots,
-  // so no barrier is needed.
   int kb = kb0;
+  if constexpr (XS) {
+    // Block kb is in ring slot (kb - kb0) % P. Each step waits for its copies, then a barrier
+    // (everyone's copies landed; everyone is done with the slot consumed one step before),
+    // refills that slot P-1 blocks ahead and computes.
+    // WG: each thread fences its copies into the async proxy (wgmma's) before the barrier.
+    auto run = [&](int s) {
+      if constexpr (WG) {
+        compute_wg(s);
+      } else {
+        compute_xs(s);
+      }
+    };
 #pragma unroll 1
-  for (; kb + P <= kb1; kb += P) {
+    for (; kb + P <= kb1; kb += P) {
 #pragma unroll
-    for (int s = 0; s < P; ++s) {
-      issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
-      load_x(xr[(s + 1) & 1], min(kb + s + 1, kb_last));
-      cp_async_wait<P - 1>();
-      compute(s, xr[s & 1]);
+      for (int s = 0; s < P; ++s) {
+        cp_async_wait<P - 2>();
+        if constexpr (WG) fence_proxy_async();
+        __syncthreads();
+        issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
+        run(s);
+      }
     }
-  }
-  // The last kb1 - kb < P blocks are in slots 0 .. kb1-kb-1.
-  cp_async_wait<0>();
+    cp_async_wait<0>();
+    if constexpr (WG) fence_proxy_async();
+    __syncthreads();
 #pragma unroll
-  for (int s = 0; s < P - 1; ++s) {
-    if (kb + s < kb1) {
-      if (s > 0) load_x(xr[s & 1], kb + s);
-      compute(s, xr[s & 1]);
+    for (int s = 0; s < P - 1; ++s) {
+      if (kb + s < kb1) run(s);
+    }
+  } else {
+    // Block kb is in ring slot (kb - kb0) % P and its activations in xr[(kb - kb0) % 2]. Each
+    // step first refills the slot consumed one step before, P-1 blocks ahead, and loads the
+    // next activations; the wait leaves the P-1 newest copy groups in flight. A lane reads
+    // only its own ring slots, so no barrier is needed.
+    uint4 xr[2][NT][2];
+    load_x(xr[0], kb0);
+#pragma unroll 1
+    for (; kb + P <= kb1; kb += P) {
+#pragma unroll
+      for (int s = 0; s < P; ++s) {
+        issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
+        load_x(xr[(s + 1) & 1], min(kb + s + 1, kb_last));
+        cp_async_wait<P - 1>();
+        compute(s, xr[s & 1]);
+      }
+    }
+    // The last kb1 - kb < P blocks are in slots 0 .. kb1-kb-1.
+    cp_async_wait<0>();
+#pragma unroll
+    for (int s = 0; s < P - 1; ++s) {
+      if (kb + s < kb1) {
+        if (s > 0) load_x(xr[s & 1], kb + s);
+        compute(s, xr[s & 1]);
+      }
     }
   }
 
@@ -408,7 +598,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
     const int rank = static_cast<int>(cluster.block_rank());
     const int chunk = (E + S - 1) / S;
     const int e1 = min(E, (rank + 1) * chunk);
-    for (int e = rank * chunk + tid; e < e1; e += kThreads) {
+    for (int e = rank * chunk + tid; e < e1; e += kThr) {
       const int off = (e / BN) * LD + e % BN;
       float v = 0.0f;
       for (int q = 0; q < S; ++q) v += cluster.map_shared_rank(red, q)[off];
@@ -419,7 +609,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_kernel(const Params p) {
   }
 #endif
   __syncthreads();
-  for (int e = tid; e < E; e += kThreads) store(e, red[(e / BN) * LD + e % BN]);
+  for (int e = tid; e < E; e += kThr) store(e, red[(e / BN) * LD + e % BN]);
 }
 
 template <int FMT, int DT>
@@ -489,6 +679,7 @@ struct KernelInfo {
   int blocks_per_sm = 1;
   bool clusters = false;  // the device and the loaded binary (sm_90+) run thread block clusters
   int max_cluster = 1;    // the largest cluster (K split) this kernel can be launched with
+  bool sm90a = false;     // an sm_90 GPU runs this build's sm_90 binary (sm_90a where the build has it)
 };
 
 template <typename Kernel>
@@ -512,7 +703,10 @@ KernelInfo kernel_info(Kernel kernel, int device, int threads, int smem_bytes) {
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   cudaFuncAttributes attr{};
   check_cuda(cudaFuncGetAttributes(&attr, kernel), fn, "cudaFuncGetAttributes");
-  info.clusters = major >= 9 && attr.binaryVersion >= 90;
+  // Clusters need code compiled for sm_90+ (the K-split reduction exists only there): not a
+  // newer GPU running this build's compute_80 PTX.
+  info.clusters = major >= 9 && attr.binaryVersion >= 90 && attr.ptxVersion >= 90;
+  info.sm90a = major == 9 && attr.binaryVersion == 90 && attr.ptxVersion == 90;
   info.blocks_per_sm = info.blocks_per_sm < 1 ? 1 : info.blocks_per_sm;
   if (info.clusters) {
     // 8 blocks is the portable cluster size; Hopper allows 16 when asked (small-N shapes want
@@ -582,21 +776,23 @@ inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
   return s;
 }
 
-template <int FMT, int DT, int R, int NT, int P>
+template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks = 0>
 void launch_mma(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_mma_kernel<FMT, DT, R, NT, P>;
-  constexpr int BN = 16 * R * kWarps, BM = 8 * NT;
+  auto kernel = w4_mma_kernel<FMT, DT, W, R, NT, P, MODE, MinBlocks>;
+  constexpr bool XS = MODE != kRegX;
+  constexpr int BN = 16 * R * W, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
-  constexpr int smem = Smem<FMT, R, NT, P>::kBytes;
-  const KernelInfo info = kernel_info(kernel, device, kThreads, smem);
+  constexpr int smem = Smem<FMT, W, R, NT, P, XS>::kBytes;
+  const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
+  LOWBIT_CHECK(MODE != kWgmma || info.sm90a, "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
   const int64_t tblocks = (p.M + BM - 1) / BM;
   const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
   const int S = choose_split(info, tblocks * rblocks, p.nkb);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
-  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.blockDim = dim3(32 * W, 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -614,7 +810,19 @@ void launch_mma(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Tile configurations, by the number of tokens: the only ones compiled.
+// True if the wgmma variant can run here (an sm_90 GPU loaded this build's sm_90a binary).
+template <int FMT, int DT, int W, int R, int NT, int P>
+bool wgmma_ok() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  return kernel_info(w4_mma_kernel<FMT, DT, W, R, NT, P, kWgmma, 0>, device, 32 * W,
+                     Smem<FMT, W, R, NT, P, true>::kBytes)
+      .sm90a;
+}
+
+// Tile configurations, by the number of tokens: the only ones compiled (a build with
+// -DLOWBIT_W4_TUNING adds the candidates that LOWBIT_CUDA_W4_TILE=1.. picks for M > 16: the
+// shared-memory activation tiles (kSmemX) and the wgmma kernels (kWgmma), not yet measured).
 template <int FMT, int DT>
 void w4_launch(const W4Args& a, cudaStream_t stream) {
   const Params p = make_params(a);
@@ -622,12 +830,30 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   // next to its 32 KB table (52 KB: 4 blocks an SM).
   constexpr int P1 = FMT == kW4NF4 ? 4 : 6;
   if (p.M <= 8) {
-    launch_mma<FMT, DT, 2, 1, P1>(p, stream);
-  } else if (p.M <= 16) {
-    launch_mma<FMT, DT, 2, 2, P1>(p, stream);
-  } else {
-    launch_mma<FMT, DT, 2, 4, 4>(p, stream);
+    launch_mma<FMT, DT, 4, 2, 1, P1, kRegX>(p, stream);
+    return;
   }
+  if (p.M <= 16) {
+    launch_mma<FMT, DT, 4, 2, 2, P1, kRegX>(p, stream);
+    return;
+  }
+#ifdef LOWBIT_W4_TUNING
+  switch (env_int("LOWBIT_CUDA_W4_TILE")) {
+    case 2: launch_mma<FMT, DT, 4, 2, 8, 4, kSmemX>(p, stream); return;
+    case 3: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX>(p, stream); return;
+    case 4: launch_mma<FMT, DT, 4, 2, 4, 4, kSmemX>(p, stream); return;
+    case 5: launch_mma<FMT, DT, 4, 4, 4, 4, kSmemX>(p, stream); return;
+    case 9: launch_mma<FMT, DT, 8, 2, 4, 4, kSmemX>(p, stream); return;
+    case 10: launch_mma<FMT, DT, 8, 2, 8, 4, kSmemX>(p, stream); return;
+#ifdef LOWBIT_CUDA_SM90A
+    case 6: if (wgmma_ok<FMT, DT, 8, 2, 16, 4>()) { launch_mma<FMT, DT, 8, 2, 16, 4, kWgmma>(p, stream); return; } break;
+    case 7: if (wgmma_ok<FMT, DT, 4, 2, 16, 4>()) { launch_mma<FMT, DT, 4, 2, 16, 4, kWgmma>(p, stream); return; } break;
+    case 8: if (wgmma_ok<FMT, DT, 8, 2, 8, 4>()) { launch_mma<FMT, DT, 8, 2, 8, 4, kWgmma>(p, stream); return; } break;
+#endif
+    default: break;
+  }
+#endif
+  launch_mma<FMT, DT, 4, 2, 4, 4, kRegX>(p, stream);
 }
 
 template <int FMT, int DT>
