@@ -294,10 +294,12 @@ def test_forced_split_k_is_exact_and_deterministic(monkeypatch, split, m):
 @pytest.mark.parametrize("m", [17, 40, 64, 130, 300])
 def test_tile_candidates_match_reference(monkeypatch, tile, m):
     # LOWBIT_CUDA_W4_TILE picks a tile candidate for M > 16 in builds with -DLOWBIT_W4_TUNING
-    # (ignored otherwise): each must be exact, with a K tail (K % 64 = 32) and a partial row block.
+    # (ignored otherwise): each must match the reference, with a K tail (K % 64 = 32) and a partial
+    # row block; M=300 runs the kernel, not the dense path.
+    monkeypatch.setenv("LOWBIT_CUDA_W4_DENSE_M", "0")
     monkeypatch.setenv("LOWBIT_CUDA_W4_TILE", str(tile))
-    for g, dtype in ((32, torch.float16), (128, torch.bfloat16)):
-        _int4_case(m, 600, 1056, g, asym=tile % 2 == 0, dtype=dtype, seed=tile + m)
+    for k, g, dtype in ((1056, 32, torch.float16), (1024, 128, torch.bfloat16)):
+        _int4_case(m, 600, k, g, asym=tile % 2 == 0, dtype=dtype, seed=tile + m)
     p = make_nf4(600, 1024, 64, double_quant=True, seed=m, device="cuda")
     x = torch.randn(m, 1024, dtype=torch.float16, device="cuda")
     args = (x, p.qweight, p.absmax, p.absmax_scale, p.absmax_code, p.absmax_offset, 64, 600, None)

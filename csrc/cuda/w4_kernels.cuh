@@ -820,9 +820,9 @@ bool wgmma_ok() {
       .sm90a;
 }
 
-// Tile configurations, by the number of tokens: the only ones compiled (a build with
-// -DLOWBIT_W4_TUNING adds the candidates that LOWBIT_CUDA_W4_TILE=1.. picks for M > 16: the
-// shared-memory activation tiles (kSmemX) and the wgmma kernels (kWgmma), not yet measured).
+// Tile configurations, by the number of tokens and rows: the only ones compiled (a build with
+// -DLOWBIT_W4_TUNING adds the candidates that LOWBIT_CUDA_W4_TILE=1.. picks for M > 16, the
+// wgmma kernels among them; bench/cuda_w4_tiles.sh times them all).
 template <int FMT, int DT>
 void w4_launch(const W4Args& a, cudaStream_t stream) {
   const Params p = make_params(a);
@@ -839,6 +839,7 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   }
 #ifdef LOWBIT_W4_TUNING
   switch (env_int("LOWBIT_CUDA_W4_TILE")) {
+    case 1: launch_mma<FMT, DT, 4, 2, 4, 4, kRegX>(p, stream); return;  // the register path of M <= 16
     case 2: launch_mma<FMT, DT, 4, 2, 8, 4, kSmemX>(p, stream); return;
     case 3: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX>(p, stream); return;
     case 4: launch_mma<FMT, DT, 4, 2, 4, 4, kSmemX>(p, stream); return;
@@ -853,7 +854,17 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     default: break;
   }
 #endif
-  launch_mma<FMT, DT, 4, 2, 4, 4, kRegX>(p, stream);
+  // Beyond 16 tokens the activation tile goes through shared memory (measured on an H100, M=32:
+  // 28672x8192 114 -> 77 us). From 33 tokens a block takes 64, with 256 rows on tall weights
+  // (the activations are read once per 256 rows) and 128 rows otherwise (twice the blocks, for
+  // the SMs on short ones): M=64 28672x8192 205 -> 105 us, 4096x14336 57 -> 46 us.
+  if (p.M <= 32) {
+    launch_mma<FMT, DT, 4, 2, 4, 4, kSmemX>(p, stream);
+  } else if (p.N >= 12288) {
+    launch_mma<FMT, DT, 8, 2, 8, 4, kSmemX>(p, stream);
+  } else {
+    launch_mma<FMT, DT, 4, 2, 8, 4, kSmemX>(p, stream);
+  }
 }
 
 template <int FMT, int DT>
