@@ -3,7 +3,7 @@
 For each shape and batch size, times the op with the fused tensor-core kernel forced
 (``LOWBIT_CUDA_W4_DENSE_M=0``), with the dense path forced (dequantize + cuBLAS,
 ``LOWBIT_CUDA_W4_DENSE_M=1``) and cuBLAS fp16 ``F.linear``; at M=1 each forced K split
-(``LOWBIT_CUDA_W4_SPLIT``); at M>16 each tile candidate (``LOWBIT_CUDA_W4_TILE``, in a build
+(``LOWBIT_CUDA_W4_SPLIT``); each tile candidate (``LOWBIT_CUDA_W4_TILE``, in a build
 with ``CUDAFLAGS=-DLOWBIT_W4_TUNING``). Medians with L2 flushed (lowbit.bench.timing). Prints
 one table.
 
@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256, 512, 1024])
     p.add_argument("--formats", nargs="+", default=["int4", "nf4"])
     p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8])
-    p.add_argument("--tiles", type=int, nargs="*", default=[], help="tile candidates timed at M > 16 (0 = default)")
+    p.add_argument("--tiles", type=int, nargs="*", default=[], help="tile candidates timed (0 = the default)")
     p.add_argument("--budget", type=float, default=0.15)
     a = p.parse_args(argv)
     dt = torch.float16
     t = lambda fn: median_time([fn], "cuda", budget_s=a.budget) * 1e6  # noqa: E731
     print(f"{'fmt':<5} {'shape':<11} {'M':>5} {'fp16 us':>9} {'fused us':>9} {'dense us':>9} {'x fused':>8} "
-          f"{'x dense':>8}  splits(M=1) / tiles(M>16) us")
+          f"{'x dense':>8}  splits(M=1) / tiles us")
     for shape in a.shapes:
         n, k = (int(v) for v in shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                     for s in a.splits:
                         with _env("LOWBIT_CUDA_W4_SPLIT", str(s)):
                             splits += f" S{s}={t(lambda: op(x)):.1f}"
-                if m > 16:
+                if a.tiles:
                     for tile in a.tiles:
                         with _env("LOWBIT_CUDA_W4_DENSE_M", "0"), _env("LOWBIT_CUDA_W4_TILE", str(tile)):
                             splits += f" T{tile}={t(lambda: op(x)):.1f}"

@@ -290,7 +290,6 @@ template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
 __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
   constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma;
   static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
-  static_assert(!XS || (2 * NT) % W == 0, "each thread copies the same number of 16-byte chunks of the tile");
   static_assert(!WG || (W % 4 == 0 && NT % W == 0), "whole warpgroups; whole token groups a warp");
   using A = Act<DT>;
   using ST = typename ScaleT<FMT>::type;
@@ -329,7 +328,9 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   // Activation rows: per token tile (registers) or per 16-byte chunk of the tile this thread
   // copies (XS), or (WG) per 8-token group this warp copies. Tokens past M read row M-1 and
   // are never stored.
-  constexpr int kXC = WG ? NT / W : XS ? 2 * NT / W : NT;
+  // XS: the tile's 64 NT chunks over 32 W threads (the last round partial when fewer).
+  constexpr int kXC = WG ? NT / W : XS ? (2 * NT + W - 1) / W : NT;
+  constexpr bool kXPartial = XS && !WG && (2 * NT) % W != 0;
   const uint16_t* xrow[kXC];
   int xdst[kXC], xk[kXC];
 #pragma unroll
@@ -347,7 +348,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     }
     // XS chunk e = row (e >> 3), 16-byte column c = e & 7, stored at column c ^ (row & 7):
     // the eight lanes of a 16-byte shared load phase then hit eight distinct bank groups.
-    const int e = tid + i * kThr;
+    const int e = kXPartial ? min(tid + i * kThr, 64 * NT - 1) : tid + i * kThr;  // (idle threads: never copy)
     const int row = XS ? e >> 3 : 8 * i + g, c = e & 7;
     const int tok = min(tt * BM + row, p.M - 1);
     xrow[i] = static_cast<const uint16_t*>(p.x) + static_cast<int64_t>(tok) * p.x_row_stride;
@@ -381,6 +382,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
       // Past K (K a multiple of 8) a chunk is zero-filled: the weights there are padding.
 #pragma unroll
       for (int i = 0; i < kXC; ++i) {
+        if (kXPartial && tid + i * kThr >= 64 * NT) break;  // warp-uniform: 64 NT is a multiple of 32
         const int k = kb * 64 + xk[i];
         const bool full = k + 8 <= p.K;
         cp_async16_zfill(xring + slot * SM::kStageX + xdst[i], xrow[i] + (full ? k : 0), full);
@@ -829,6 +831,16 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   // Ring depth P: int4 6 k blocks (36 KB of shared memory a block: 6 blocks an SM); nf4 4,
   // next to its 32 KB table (52 KB: 4 blocks an SM).
   constexpr int P1 = FMT == kW4NF4 ? 4 : 6;
+#ifdef LOWBIT_W4_TUNING
+  if (p.M <= 16 && env_int("LOWBIT_CUDA_W4_TILE") == 14) {  // the activation tile in shared memory
+    if (p.M <= 8) {
+      launch_mma<FMT, DT, 4, 2, 1, 4, kSmemX>(p, stream);
+    } else {
+      launch_mma<FMT, DT, 4, 2, 2, 4, kSmemX>(p, stream);
+    }
+    return;
+  }
+#endif
   if (p.M <= 8) {
     launch_mma<FMT, DT, 4, 2, 1, P1, kRegX>(p, stream);
     return;
@@ -839,6 +851,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   }
 #ifdef LOWBIT_W4_TUNING
   switch (env_int("LOWBIT_CUDA_W4_TILE")) {
+    case 11: launch_mma<FMT, DT, 16, 1, 8, 4, kSmemX>(p, stream); return;  // 16 warps x 1 row tile
+    case 12: launch_mma<FMT, DT, 8, 1, 8, 4, kSmemX>(p, stream); return;
+    case 13: launch_mma<FMT, DT, 8, 1, 4, 4, kSmemX>(p, stream); return;
     case 1: launch_mma<FMT, DT, 4, 2, 4, 4, kRegX>(p, stream); return;  // the register path of M <= 16
     case 2: launch_mma<FMT, DT, 4, 2, 8, 4, kSmemX>(p, stream); return;
     case 3: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX>(p, stream); return;
