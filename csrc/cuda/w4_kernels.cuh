@@ -822,6 +822,16 @@ bool wgmma_ok() {
       .sm90a;
 }
 
+// True if the one-token register kernel's K split leaves each block at most 4 k blocks.
+template <int FMT, int DT, int P>
+bool short_splits(const Params& p) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  const KernelInfo info = kernel_info(w4_mma_kernel<FMT, DT, 4, 2, 1, P, kRegX, 0>, device, 128,
+                                      Smem<FMT, 4, 2, 1, P, false>::kBytes);
+  return p.nkb / choose_split(info, (p.n_rt * 16 + 127) / 128, p.nkb) <= 4;
+}
+
 // Tile configurations, by the number of tokens and rows: the only ones compiled (a build with
 // -DLOWBIT_W4_TUNING adds the candidates that LOWBIT_CUDA_W4_TILE=1.. picks for M > 16, the
 // wgmma kernels among them; bench/cuda_w4_tiles.sh times them all).
@@ -831,23 +841,30 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   // Ring depth P: int4 6 k blocks (36 KB of shared memory a block: 6 blocks an SM); nf4 4,
   // next to its 32 KB table (52 KB: 4 blocks an SM).
   constexpr int P1 = FMT == kW4NF4 ? 4 : 6;
-#ifdef LOWBIT_W4_TUNING
-  if (p.M <= 16 && env_int("LOWBIT_CUDA_W4_TILE") == 14) {  // the activation tile in shared memory
-    if (p.M <= 8) {
-      launch_mma<FMT, DT, 4, 2, 1, 4, kSmemX>(p, stream);
-    } else {
-      launch_mma<FMT, DT, 4, 2, 2, 4, kSmemX>(p, stream);
-    }
-    return;
-  }
-#endif
-  if (p.M <= 8) {
-    launch_mma<FMT, DT, 4, 2, 1, P1, kRegX>(p, stream);
-    return;
-  }
   if (p.M <= 16) {
-    launch_mma<FMT, DT, 4, 2, 2, P1, kRegX>(p, stream);
-    return;
+    // The activation tile through shared memory here too (measured on an H100: int4 M=16
+    // 28672x8192 67.3 -> 60.3 us, nf4 8192x28672 M=1 96.3 -> 71.0; each lane's own activation
+    // loads were the warps' main stall), except int4 at M <= 8 when the K split leaves each
+    // block <= 4 k blocks (4096^2: 12.3 us in registers, 13.3 through shared memory).
+    bool regs = false;
+    if constexpr (FMT == kW4Int4) regs = p.M <= 8 && short_splits<FMT, DT, P1>(p);
+#ifdef LOWBIT_W4_TUNING
+    constexpr bool kAnyRegs = true;
+    const int tile = env_int("LOWBIT_CUDA_W4_TILE");  // 1: the register path, 14: the shared tile
+    regs = tile == 1 || (tile != 14 && regs);
+#else
+    constexpr bool kAnyRegs = false;  // compile the register kernels only where they can run
+#endif
+    if (p.M <= 8) {
+      if constexpr (FMT == kW4Int4 || kAnyRegs) {
+        if (regs) return launch_mma<FMT, DT, 4, 2, 1, P1, kRegX>(p, stream);
+      }
+      return launch_mma<FMT, DT, 4, 2, 1, 4, kSmemX>(p, stream);
+    }
+    if constexpr (kAnyRegs) {
+      if (regs) return launch_mma<FMT, DT, 4, 2, 2, P1, kRegX>(p, stream);
+    }
+    return launch_mma<FMT, DT, 4, 2, 2, 4, kSmemX>(p, stream);
   }
 #ifdef LOWBIT_W4_TUNING
   switch (env_int("LOWBIT_CUDA_W4_TILE")) {
