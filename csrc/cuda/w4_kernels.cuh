@@ -16,10 +16,12 @@
 //     -zero*scale. nf4: each byte of codes indexes a 256-entry table of code pairs in shared
 //     memory with one copy per lane (bank = lane: conflict free), then one fma by the absmax.
 //   * The activations of a lane are 16 contiguous halves per k block (the layout permutes k
-//     inside a block to make it so). Up to 16 tokens: two 16-byte loads through L1 a token
-//     tile, into registers (no block barrier in the loop). Beyond (XS): the block copies each
-//     k block's [8NT x 64] activation tile into a shared ring alongside the weights (one
-//     barrier a k block), and each dequantized A fragment feeds all NT token tiles.
+//     inside a block to make it so). The block copies each k block's [8NT x 64] activation
+//     tile into a shared ring alongside the weights (kSmemX; one barrier a k block), and each
+//     dequantized A fragment feeds all NT token tiles. kRegX instead loads a lane's own
+//     activations into registers (no barrier): int4 at M <= 8 when K splits are short.
+//   * kWgmma (sm_90a, tuning builds): the same A fragments feed wgmma.m64n(8NT)k16, B from the
+//     shared tile in wgmma's core-matrix arrangement.
 //   * Split K (small-N shapes, to fill every SM) on Hopper reduces through distributed shared
 //     memory: the K splits of a tile form one thread block cluster; each block parks its fp32
 //     partial tile in shared memory, and after a cluster barrier each reduces 1/S of the tile
