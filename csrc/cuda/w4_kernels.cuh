@@ -210,17 +210,26 @@ __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t
   }
 }
 
+// MODE kRegX: activations in registers, mma.sync; kSmemX: activation tile in shared memory,
+// mma.sync; kWgmma: the tile in wgmma's core-matrix arrangement without swizzle, one
+// wgmma.m64n(8NT)k16 a warpgroup for each row tile index and k step (sm_90a); kWgmmaSw: the same
+// with the tile in 128-byte-swizzled rows of 64 logical k (a token's row of a k block copied by
+// one warp instruction, conflict free).
+enum { kRegX = 0, kSmemX = 1, kWgmma = 2, kWgmmaSw = 3 };
+
 // Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
-// k blocks (weights, scales), then (XS) the block's ring of P activation tiles; after the main
-// loop the reduction tile reuses it from offset 0.
-template <int FMT, int W, int R, int NT, int P, bool XS>
-struct Smem {  // (the wgmma mode's activation tile has the same size, another arrangement)
+// k blocks (weights, scales), then (MODE != kRegX) the block's ring of P activation tiles (the
+// same size in every mode; kWgmmaSw adds room to align it to 1024 bytes); after the main loop
+// the reduction tile reuses it from offset 0.
+template <int FMT, int W, int R, int NT, int P, int MODE>
+struct Smem {
+  static constexpr bool XS = MODE != kRegX;
   using ST = typename ScaleT<FMT>::type;
   static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
   static constexpr int kRingW = W * P * R * 32 * 16;
   static constexpr int kRingS = W * P * R * 32 * static_cast<int>(sizeof(ST));
   static constexpr int kStageX = XS ? 8 * NT * 128 : 0;  // [8 NT tokens][64 halves], swizzled
-  static constexpr int kRingX = P * kStageX;
+  static constexpr int kRingX = P * kStageX + (MODE == kWgmmaSw ? 1024 : 0);
   static constexpr int kBN = 16 * R * W;
   static constexpr int kRedBytes = 8 * NT * (kBN + 4) * 4;
   static constexpr int kMain = kLutBytes + kRingW + kRingS + kRingX;
@@ -282,20 +291,24 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
   const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(smem));
   return ((addr & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
 }
-
-// MODE kRegX: activations in registers, mma.sync; kSmemX: activation tile in shared memory,
-// mma.sync; kWgmma: the tile in wgmma's core-matrix arrangement, one wgmma.m64n(8NT)k16 a warpgroup
-// for each row tile index and k step (sm_90a).
-enum { kRegX = 0, kSmemX = 1, kWgmma = 2 };
+// Descriptor of a K-major B operand in 128-byte-swizzled rows (one 128-byte row of 64 k per
+// token, 8-row groups 1024 bytes apart; the leading offset is unused in this mode): the k16
+// step j starts 32j bytes into the 1024-aligned atom, as the hardware applies the swizzle to
+// the address bits.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(smem));
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
 
 template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
 __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
-  constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma;
+  constexpr bool XS = MODE != kRegX, WG = MODE >= kWgmma, SW = MODE == kWgmmaSw;
   static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
   static_assert(!WG || (W % 4 == 0 && NT % W == 0), "whole warpgroups; whole token groups a warp");
+  constexpr int kSwRows = 8 * NT / W;  // SW: token rows of the tile each warp copies
   using A = Act<DT>;
   using ST = typename ScaleT<FMT>::type;
-  using SM = Smem<FMT, W, R, NT, P, XS>;
+  using SM = Smem<FMT, W, R, NT, P, MODE>;
   constexpr int kThr = 32 * W;
   constexpr int BN = 16 * R * W;  // weight rows per block
   constexpr int BM = 8 * NT;      // tokens per block
@@ -317,6 +330,10 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes) + warp * P * R * 32 + lane;
   ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kRingW) + warp * P * R * 32 + lane;
   unsigned char* xring = smem_raw + SM::kLutBytes + SM::kRingW + SM::kRingS;
+  if constexpr (SW) {  // the 128-byte swizzle repeats every 1024 bytes of shared address space
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(xring));
+    xring += (1024u - (a & 1023u)) & 1023u;
+  }
 
   // Row tiles past the weight (in the last block) read row tile 0: never stored.
   const uint4* wp[R];
@@ -368,7 +385,22 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
       cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32, pol);
       cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8, pol);
     }
-    if constexpr (WG) {
+    if constexpr (SW) {
+      // Lane l copies pair l (physical k 2l, 2l+1 = 16t + 4j + 2h) of each of its warp's token
+      // rows to logical k 2t + 8h of step j: 16-byte chunk 2j + h of the row, XOR the row's low
+      // 3 bits (the 128-byte swizzle), byte 4t. Past K it is zero-filled.
+      const int pt = lane >> 3, pc = ((lane >> 1) & 3) * 2 + (lane & 1);
+      const bool full = kb * 64 + 2 * lane + 2 <= p.K;
+      unsigned char* dst = xring + slot * SM::kStageX + 4 * pt;
+#pragma unroll
+      for (int i = 0; i < kSwRows; ++i) {
+        const int q = warp * kSwRows + i;
+        // 32-bit element offsets (the host checks M x row stride < 2^31): 32-bit registers.
+        const unsigned off = static_cast<unsigned>(min(tt * BM + q, p.M - 1)) * static_cast<unsigned>(p.x_row_stride);
+        const uint16_t* src = static_cast<const uint16_t*>(p.x) + off + (full ? kb * 64 + 2 * lane : 0);
+        cp_async4_zfill(dst + q * 128 + ((pc ^ (q & 7)) << 4), src, full);
+      }
+    } else if constexpr (WG) {
       // Past K (K a multiple of 32) a lane's pairs are zero-filled: the weights there are padding.
 #pragma unroll
       for (int i = 0; i < kXC; ++i) {
@@ -489,7 +521,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     if constexpr (WG) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint64_t desc = wgmma_desc(xs + j * NT * 256);
+        const uint64_t desc = SW ? wgmma_desc_sw128(xs + 32 * j) : wgmma_desc(xs + j * NT * 256);
 #pragma unroll
         for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma(&acc[r][0][0], a[r][j], desc);
       }
@@ -787,9 +819,11 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   constexpr int BN = 16 * R * W, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
-  constexpr int smem = Smem<FMT, W, R, NT, P, XS>::kBytes;
+  constexpr int smem = Smem<FMT, W, R, NT, P, MODE>::kBytes;
   const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
-  LOWBIT_CHECK(MODE != kWgmma || info.sm90a, "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
+  LOWBIT_CHECK(MODE < kWgmma || info.sm90a, "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
+  LOWBIT_CHECK(MODE != kWgmmaSw || static_cast<int64_t>(p.M) * p.x_row_stride < (int64_t{1} << 31),
+               "w4_matmul_cuda: this tile takes activations of fewer than 2^31 elements");
   const int64_t tblocks = (p.M + BM - 1) / BM;
   const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
@@ -815,12 +849,12 @@ void launch_mma(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 // True if the wgmma variant can run here (an sm_90 GPU loaded this build's sm_90a binary).
-template <int FMT, int DT, int W, int R, int NT, int P>
+template <int FMT, int DT, int W, int R, int NT, int P, int MODE>
 bool wgmma_ok() {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
-  return kernel_info(w4_mma_kernel<FMT, DT, W, R, NT, P, kWgmma, 0>, device, 32 * W,
-                     Smem<FMT, W, R, NT, P, true>::kBytes)
+  return kernel_info(w4_mma_kernel<FMT, DT, W, R, NT, P, MODE, 0>, device, 32 * W,
+                     Smem<FMT, W, R, NT, P, MODE>::kBytes)
       .sm90a;
 }
 
@@ -830,7 +864,7 @@ bool short_splits(const Params& p) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
   const KernelInfo info = kernel_info(w4_mma_kernel<FMT, DT, 4, 2, 1, P, kRegX, 0>, device, 128,
-                                      Smem<FMT, 4, 2, 1, P, false>::kBytes);
+                                      Smem<FMT, 4, 2, 1, P, kRegX>::kBytes);
   return p.nkb / choose_split(info, (p.n_rt * 16 + 127) / 128, p.nkb) <= 4;
 }
 
@@ -881,9 +915,11 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 9: launch_mma<FMT, DT, 8, 2, 4, 4, kSmemX>(p, stream); return;
     case 10: launch_mma<FMT, DT, 8, 2, 8, 4, kSmemX>(p, stream); return;
 #ifdef LOWBIT_CUDA_SM90A
-    case 6: if (wgmma_ok<FMT, DT, 8, 2, 16, 4>()) { launch_mma<FMT, DT, 8, 2, 16, 4, kWgmma>(p, stream); return; } break;
-    case 7: if (wgmma_ok<FMT, DT, 4, 2, 16, 4>()) { launch_mma<FMT, DT, 4, 2, 16, 4, kWgmma>(p, stream); return; } break;
-    case 8: if (wgmma_ok<FMT, DT, 8, 2, 8, 4>()) { launch_mma<FMT, DT, 8, 2, 8, 4, kWgmma>(p, stream); return; } break;
+    case 6: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmma>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmma>(p, stream); break;
+    case 7: if (wgmma_ok<FMT, DT, 4, 2, 16, 4, kWgmma>()) return launch_mma<FMT, DT, 4, 2, 16, 4, kWgmma>(p, stream); break;
+    case 8: if (wgmma_ok<FMT, DT, 8, 2, 8, 4, kWgmma>()) return launch_mma<FMT, DT, 8, 2, 8, 4, kWgmma>(p, stream); break;
+    case 15: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmmaSw>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmmaSw>(p, stream); break;
+    case 16: if (wgmma_ok<FMT, DT, 8, 2, 8, 4, kWgmmaSw>()) return launch_mma<FMT, DT, 8, 2, 8, 4, kWgmmaSw>(p, stream); break;
 #endif
     default: break;
   }
