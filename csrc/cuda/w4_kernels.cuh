@@ -815,7 +815,6 @@ inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
 template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks = 0>
 void launch_mma(const Params& p, cudaStream_t stream) {
   auto kernel = w4_mma_kernel<FMT, DT, W, R, NT, P, MODE, MinBlocks>;
-  constexpr bool XS = MODE != kRegX;
   constexpr int BN = 16 * R * W, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
