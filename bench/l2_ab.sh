@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU run that measures the L2 evict-first policy of the weight / KV streams: the probe
-# (bench/l2_policy_probe.py), then the bench with the hint (default) and without it
-# (LOWBIT_CUDA_W4_NO_L2_HINT=1 / LOWBIT_TRITON_NO_L2_HINT=1), each pair in back-to-back
+# (bench/l2_policy_probe.py), then the bench with the hint and without it (CUDA: on by default,
+# LOWBIT_CUDA_W4_NO_L2_HINT=1 off; Triton: off by default, LOWBIT_TRITON_L2_HINT=1 on), each pair in back-to-back
 # processes with the baselines timed in each. Run from the repository root on the GPU machine.
 #   CUDA_OPS / TRITON_OPS   ops of each A/B ("" skips it); SHAPES, MS; KV=1 adds kv8/kv4 (Triton)
 #   BUDGET                  seconds of timing per contender
@@ -26,30 +26,30 @@ cd /tmp
 if [ -n "$TRITON_OPS" ]; then  # compile every Triton variant (disk cache) from the source tree meanwhile
   for hint in 1 0; do
     for op in $TRITON_OPS; do
-      (if [ $hint = 0 ]; then export LOWBIT_TRITON_NO_L2_HINT=1; fi
+      (if [ $hint = 1 ]; then export LOWBIT_TRITON_L2_HINT=1; fi
        PYTHONPATH=$REPO/python:$REPO LOWBIT_BACKEND=triton timeout 300 python3 -m lowbit.bench --op "$op" \
          --shapes $SHAPES --m $MS --budget 0.001 > "$OUT/warm_${op}_$hint.log" 2>&1) &
     done
   done
 fi
 wait; el "build + warm-up"; tail -1 "$OUT/build.log"
-ab() {  # ab NAME BACKEND ENVVAR OPS...
-  local name=$1 backend=$2 var=$3; shift 3
+ab() {  # ab NAME BACKEND ENVVAR AT OPS...: ENVVAR=1 in the run with hint=AT (1 on, 0 off)
+  local name=$1 backend=$2 var=$3 at=$4; shift 4
   for hint in 1 0; do
-    if [ $hint = 0 ]; then export "$var=1"; fi
+    if [ $hint = "$at" ]; then export "$var=1"; fi
     LOWBIT_BACKEND=$backend timeout 300 python3 -m lowbit.bench --op "$@" --shapes $SHAPES --m $MS \
       --budget "$BUDGET" --json "$OUT/${name}_hint$hint.json" > "$OUT/${name}_hint$hint.log" 2>&1
     unset "$var"; el "$name hint=$hint"
   done
 }
-[ -n "$CUDA_OPS" ] && ab cuda native LOWBIT_CUDA_W4_NO_L2_HINT $CUDA_OPS
-[ -n "$TRITON_OPS" ] && ab triton triton LOWBIT_TRITON_NO_L2_HINT $TRITON_OPS
+[ -n "$CUDA_OPS" ] && ab cuda native LOWBIT_CUDA_W4_NO_L2_HINT 0 $CUDA_OPS
+[ -n "$TRITON_OPS" ] && ab triton triton LOWBIT_TRITON_L2_HINT 1 $TRITON_OPS
 if [ "$KV" = 1 ]; then
   for hint in 1 0; do
-    if [ $hint = 0 ]; then export LOWBIT_TRITON_NO_L2_HINT=1; fi
+    if [ $hint = 1 ]; then export LOWBIT_TRITON_L2_HINT=1; fi
     LOWBIT_BACKEND=triton timeout 300 python3 -m lowbit.bench --op kv8 kv4 --batch 1 4 32 --ctx 4096 32768 \
       --budget "$BUDGET" --json "$OUT/kv_hint$hint.json" > "$OUT/kv_hint$hint.log" 2>&1
-    unset LOWBIT_TRITON_NO_L2_HINT; el "kv hint=$hint"
+    unset LOWBIT_TRITON_L2_HINT; el "kv hint=$hint"
   done
 fi
 for f in "$OUT"/*_hint?.log; do echo "== $(basename "$f")"; grep -v "^|" "$f" | cut -c1-150; done

@@ -29,12 +29,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE_ENV = "LOWBIT_TRITON_AUTOTUNE"
 _L2_FLUSH_BYTES = 128 << 20
 
-#: L2 policy of the loads that stream a weight or a KV cache (read once a call): evict-first
-#: lines are recycled before any other line, so the stream evicts neither the activations nor
-#: dirty lines that earlier kernels left (each of those costs a write-back during the call).
-#: Marlin streams its weights the same way. Triton 3.6 drops the hint on loads its pipeliner
-#: turns into cp.async. ``LOWBIT_TRITON_NO_L2_HINT=1`` turns it off (A/B runs).
-STREAM = tl.constexpr("" if os.environ.get("LOWBIT_TRITON_NO_L2_HINT") else "evict_first")
+#: L2 policy of the loads that stream a weight or a KV cache (read once a call). Off by default:
+#: measured on an H100 (bench/NOTES.md, eighth session) evict-first made the tuned Triton
+#: matmuls 1-28% slower at M=16 and mixed at M=1 (Triton 3.6 keeps the hint only on loads its
+#: pipeliner leaves in registers), unlike the CUDA kernels' cp.async stream, which it speeds up
+#: 10%. ``LOWBIT_TRITON_L2_HINT=1`` turns it on (A/B runs).
+STREAM = tl.constexpr("evict_first" if os.environ.get("LOWBIT_TRITON_L2_HINT", "0") not in ("", "0") else "")
 
 
 @dataclass(frozen=True)
