@@ -887,6 +887,12 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     constexpr bool kAnyRegs = true;
     const int tile = env_int("LOWBIT_CUDA_W4_TILE");  // 1: the register path, 14: the shared tile
     regs = tile == 1 || (tile != 14 && regs);
+    switch (tile) {  // deeper rings, or 8 warps (256 rows) a block
+      case 19: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX>(p, stream);
+      case 20: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 8, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 8, kSmemX>(p, stream);
+      case 21: return p.M <= 8 ? launch_mma<FMT, DT, 8, 2, 1, 4, kSmemX>(p, stream) : launch_mma<FMT, DT, 8, 2, 2, 4, kSmemX>(p, stream);
+      default: break;
+    }
 #else
     constexpr bool kAnyRegs = false;  // compile the register kernels only where they can run
 #endif
