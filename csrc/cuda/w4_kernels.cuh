@@ -264,8 +264,8 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // W warps, each owning R row tiles, and NT token tiles; P k blocks in flight. XS: the block
 // stages each k block's activation tile in shared memory (cp.async, shared by all warps; one
-// barrier a k block), for the larger token tiles whose activations would otherwise be
-// reloaded by every warp; else each lane loads its own activations into registers.
+// barrier a k block), so that activations arrive with the weights, P-1 blocks ahead, and no
+// warp reloads another's; else (kRegX) each lane loads its own activations into registers.
 // wgmma helpers (sm_90a; the kernels that use them are launched only from an sm_90a binary).
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
