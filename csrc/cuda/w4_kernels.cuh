@@ -214,8 +214,9 @@ __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t
 // mma.sync; kWgmma: the tile in wgmma's core-matrix arrangement without swizzle, one
 // wgmma.m64n(8NT)k16 a warpgroup for each row tile index and k step (sm_90a); kWgmmaSw: the same
 // with the tile in 128-byte-swizzled rows of 64 logical k (a token's row of a k block copied by
-// one warp instruction, conflict free).
-enum { kRegX = 0, kSmemX = 1, kWgmma = 2, kWgmmaSw = 3 };
+// one warp instruction, conflict free); kSmemX2: kSmemX with one barrier per two k blocks (the
+// ring refilled a pair behind).
+enum { kRegX = 0, kSmemX = 1, kWgmma = 2, kWgmmaSw = 3, kSmemX2 = 4 };
 
 // Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
 // k blocks (weights, scales), then (MODE != kRegX) the block's ring of P activation tiles (the
@@ -302,7 +303,9 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
 
 template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
 __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
-  constexpr bool XS = MODE != kRegX, WG = MODE >= kWgmma, SW = MODE == kWgmmaSw;
+  constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma || MODE == kWgmmaSw, SW = MODE == kWgmmaSw;
+  constexpr bool PAIRS = MODE == kSmemX2;
+  static_assert(!PAIRS || (P % 2 == 0 && P >= 4), "pairs of k blocks in a ring of P");
   static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
   static_assert(!WG || (W % 4 == 0 && NT % W == 0), "whole warpgroups; whole token groups a warp");
   constexpr int kSwRows = 8 * NT / W;  // SW: token rows of the tile each warp copies
@@ -529,10 +532,10 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     wgmma_commit_wait();
   };
 
-  // Prologue: P-1 k blocks in flight (indices clamped to the split), the first activations,
-  // then (nf4) the code-pair table.
+  // Prologue: P-1 k blocks in flight (PAIRS: P-2; indices clamped to the split), the first
+  // activations, then (nf4) the code-pair table.
 #pragma unroll
-  for (int s = 0; s < P - 1; ++s) issue(s, min(kb0 + s, kb_last));
+  for (int s = 0; s < (PAIRS ? P - 2 : P - 1); ++s) issue(s, min(kb0 + s, kb_last));
   if constexpr (FMT == kW4NF4) {
     for (int i = tid; i < 256 * 32; i += kThr) {
       const int e = i >> 5;
@@ -542,7 +545,26 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   }
 
   int kb = kb0;
-  if constexpr (XS) {
+  if constexpr (PAIRS) {
+    // Steps s, s+1 (blocks kb + s, kb + s + 1 in slots s, s+1): both blocks' copies landed,
+    // one barrier (everyone is done with the previous pair's slots), refill those two slots
+    // P-2 blocks ahead, compute both. A group is committed for every block, clamped or not,
+    // so the wait counts hold to the end of the split.
+#pragma unroll 1
+    for (; kb < kb1; kb += P) {
+#pragma unroll
+      for (int s = 0; s < P; s += 2) {
+        if (kb + s >= kb1) break;
+        cp_async_wait<P - 4>();
+        __syncthreads();
+        issue((s + P - 2) % P, min(kb + s + P - 2, kb_last));
+        issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
+        compute_xs(s);
+        if (kb + s + 1 < kb1) compute_xs(s + 1);
+      }
+    }
+    cp_async_wait<0>();  // the clamped copies past the split, before shared memory is reused
+  } else if constexpr (XS) {
     // Block kb is in ring slot (kb - kb0) % P. Each step waits for its copies, then a barrier
     // (everyone's copies landed; everyone is done with the slot consumed one step before),
     // refills that slot P-1 blocks ahead and computes.
@@ -820,7 +842,8 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
   constexpr int smem = Smem<FMT, W, R, NT, P, MODE>::kBytes;
   const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
-  LOWBIT_CHECK(MODE < kWgmma || info.sm90a, "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
+  LOWBIT_CHECK((MODE != kWgmma && MODE != kWgmmaSw) || info.sm90a,
+               "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
   LOWBIT_CHECK(MODE != kWgmmaSw || static_cast<int64_t>(p.M) * p.x_row_stride < (int64_t{1} << 31),
                "w4_matmul_cuda: this tile takes activations of fewer than 2^31 elements");
   const int64_t tblocks = (p.M + BM - 1) / BM;
@@ -891,6 +914,7 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
       case 19: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX>(p, stream);
       case 20: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 8, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 8, kSmemX>(p, stream);
       case 21: return p.M <= 8 ? launch_mma<FMT, DT, 8, 2, 1, 4, kSmemX>(p, stream) : launch_mma<FMT, DT, 8, 2, 2, 4, kSmemX>(p, stream);
+      case 25: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX2>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX2>(p, stream);
       default: break;
     }
 #else
@@ -912,6 +936,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 11: launch_mma<FMT, DT, 16, 1, 8, 4, kSmemX>(p, stream); return;  // 16 warps x 1 row tile
     case 12: launch_mma<FMT, DT, 8, 1, 8, 4, kSmemX>(p, stream); return;
     case 13: launch_mma<FMT, DT, 8, 1, 4, 4, kSmemX>(p, stream); return;
+    case 22: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX2>(p, stream); return;  // one barrier per 2 k blocks
+    case 23: launch_mma<FMT, DT, 4, 2, 8, 6, kSmemX2>(p, stream); return;
+    case 24: launch_mma<FMT, DT, 4, 2, 4, 6, kSmemX2>(p, stream); return;
     case 1: launch_mma<FMT, DT, 4, 2, 4, 4, kRegX>(p, stream); return;  // the register path of M <= 16
     case 2: launch_mma<FMT, DT, 4, 2, 8, 4, kSmemX>(p, stream); return;
     case 3: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX>(p, stream); return;
