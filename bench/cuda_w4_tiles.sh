@@ -22,7 +22,7 @@ timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.
   | tail -8 | tee "$OUT/pytest_w4.log"; el pytest
 timeout 90 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "tile_candidates" 2>&1 \
   | tail -12 | tee "$OUT/pytest_tiles.log"; el "pytest tiles"
-timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m ${SWEEP_M:-1 16 32 64 128 256} --splits \
+timeout "${SWEEP_S:-240}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m ${SWEEP_M:-1 16 32 64 128 256} --splits \
   --tiles 0 1 2 3 4 5 9 10 11 12 13 14 19 20 21 22 23 24 25 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep
 timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-64 128 256 512 1024} --splits \
   --tiles 6 7 8 15 16 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"
