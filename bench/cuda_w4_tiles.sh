@@ -11,18 +11,24 @@ OUT=${OUT:-/tmp/lowbit-out}; mkdir -p "$OUT"
 export OUT CUDAFLAGS="${CUDAFLAGS:--DLOWBIT_W4_TUNING}"
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 SHAPES=${SHAPES:-4096x4096 14336x4096 4096x14336 28672x8192 8192x28672}
+# STEPS picks the parts (a warm machine keeps the build between calls): build test mma wg.
+STEPS=" ${STEPS:-build test mma wg} "; has() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ "${L2AB:-0}" = 1 ]; then
   CUDA_OPS="int4 nf4" TRITON_OPS="" MS="${MS:-1 16}" timeout 270 bash bench/l2_ab.sh 2>&1 | tail -45; el "l2 a/b"
-else
+elif has build; then
   LOWBIT_CUDA=ON LOWBIT_CUDA_ARCHS="${LOWBIT_CUDA_ARCHS:-90a}" python3 -m pip install -q --no-build-isolation --no-deps . \
     > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   el build
 fi
+if has test; then
 timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "not tile_candidates" 2>&1 \
   | tail -8 | tee "$OUT/pytest_w4.log"; el pytest
 timeout 90 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "tile_candidates" 2>&1 \
   | tail -12 | tee "$OUT/pytest_tiles.log"; el "pytest tiles"
+fi
+has mma && {
 timeout "${SWEEP_S:-240}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m ${SWEEP_M:-1 16 32 64 128 256} --splits \
-  --tiles 0 1 2 3 4 5 9 10 11 12 13 14 19 20 21 22 23 24 25 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep
+  --tiles 0 1 2 3 4 5 9 10 11 12 13 14 19 20 21 22 23 24 25 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep; }
+has wg && {
 timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-64 128 256 512 1024} --splits \
-  --tiles 6 7 8 15 16 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"
+  --tiles 6 7 8 15 16 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
