@@ -215,13 +215,17 @@ __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t
 // wgmma.m64n(8NT)k16 a warpgroup for each row tile index and k step (sm_90a); kWgmmaSw: the same
 // with the tile in 128-byte-swizzled rows of 64 logical k (a token's row of a k block copied by
 // one warp instruction, conflict free); kSmemX2: kSmemX with one barrier per two k blocks (the
-// ring refilled a pair behind).
-enum { kRegX = 0, kSmemX = 1, kWgmma = 2, kWgmmaSw = 3, kSmemX2 = 4 };
+// ring refilled a pair behind); kWgmmaSS (sm_90a): each warp stores its dequantized fragments
+// into a 128-byte-swizzled fp16 weight tile in shared memory (two buffers), and wgmma takes both
+// operands from shared memory, so a k block's wgmmas run while the next block is dequantized
+// (with A in registers ptxas serializes them: C7513).
+enum { kRegX = 0, kSmemX = 1, kWgmma = 2, kWgmmaSw = 3, kSmemX2 = 4, kWgmmaSS = 5 };
 
 // Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
 // k blocks (weights, scales), then (MODE != kRegX) the block's ring of P activation tiles (the
-// same size in every mode; kWgmmaSw adds room to align it to 1024 bytes); after the main loop
-// the reduction tile reuses it from offset 0.
+// same size in every mode; kWgmmaSw and kWgmmaSS add room to align it to 1024 bytes), then
+// (kWgmmaSS) two fp16 weight tiles [16RW rows][64 k]; after the main loop the reduction tile
+// reuses it from offset 0.
 template <int FMT, int W, int R, int NT, int P, int MODE>
 struct Smem {
   static constexpr bool XS = MODE != kRegX;
@@ -230,10 +234,11 @@ struct Smem {
   static constexpr int kRingW = W * P * R * 32 * 16;
   static constexpr int kRingS = W * P * R * 32 * static_cast<int>(sizeof(ST));
   static constexpr int kStageX = XS ? 8 * NT * 128 : 0;  // [8 NT tokens][64 halves], swizzled
-  static constexpr int kRingX = P * kStageX + (MODE == kWgmmaSw ? 1024 : 0);
+  static constexpr int kRingX = P * kStageX + (MODE == kWgmmaSw || MODE == kWgmmaSS ? 1024 : 0);
   static constexpr int kBN = 16 * R * W;
+  static constexpr int kABuf = MODE == kWgmmaSS ? 2 * kBN * 128 : 0;
   static constexpr int kRedBytes = 8 * NT * (kBN + 4) * 4;
-  static constexpr int kMain = kLutBytes + kRingW + kRingS + kRingX;
+  static constexpr int kMain = kLutBytes + kRingW + kRingS + kRingX + kABuf;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
 };
 
@@ -273,12 +278,17 @@ __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #endif
 }
+// Commits the warpgroup's wgmmas issued since the last commit, then waits until at most N
+// groups are in flight.
+template <int N = 0>
 __device__ __forceinline__ void wgmma_commit_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 #endif
 }
+// Barrier `id` (1 + warpgroup) over the 128 threads of one warpgroup.
+__device__ __forceinline__ void warpgroup_bar(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 // Makes this thread's shared-memory writes (cp.async included) visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -304,7 +314,8 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
 template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
 __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
   constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma || MODE == kWgmmaSw, SW = MODE == kWgmmaSw;
-  constexpr bool PAIRS = MODE == kSmemX2;
+  constexpr bool PAIRS = MODE == kSmemX2, SS = MODE == kWgmmaSS;
+  static_assert(!SS || (W % 4 == 0 && P >= 3), "whole warpgroups; the ring refills two blocks behind");
   static_assert(!PAIRS || (P % 2 == 0 && P >= 4), "pairs of k blocks in a ring of P");
   static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
   static_assert(!WG || (W % 4 == 0 && NT % W == 0), "whole warpgroups; whole token groups a warp");
@@ -333,7 +344,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes) + warp * P * R * 32 + lane;
   ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kRingW) + warp * P * R * 32 + lane;
   unsigned char* xring = smem_raw + SM::kLutBytes + SM::kRingW + SM::kRingS;
-  if constexpr (SW) {  // the 128-byte swizzle repeats every 1024 bytes of shared address space
+  if constexpr (SW || SS) {  // the 128-byte swizzle repeats every 1024 bytes of shared address space
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(xring));
     xring += (1024u - (a & 1023u)) & 1023u;
   }
@@ -532,10 +543,50 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     wgmma_commit_wait();
   };
 
+  // SS: lane (g, t) holds physical k 16t .. 16t+15 of rows g and g+8 of each row tile (k step
+  // j, half h: k 16t + 4j + 2h), i.e. 16-byte chunks 2t and 2t+1 of those 128-byte rows, which
+  // it stores swizzled like the activation tile (conflict free: lanes 0-7 hit 8 chunks). The
+  // warpgroup's four warps fill the 64 rows of one m64 tile per row tile index; both operands
+  // are then in physical k order. The wgmmas stay in flight into the next call (wait 1).
+  unsigned char* abuf = xring + P * SM::kStageX;  // 1024-aligned: stages are multiples of 1 KB
+  auto compute_ss = [&](int slot, int buf) {
+    const int wg = warp >> 2, wl = warp & 3;
+    unsigned char* at = abuf + (buf * (W / 4) + wg) * R * 8192;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4 w = wring[(slot * R + r) * 32];
+      uint32_t sc[2], zc[2], a[4][4];
+      split_scales<FMT>(sring[(slot * R + r) * 32], sc, zc);
+      frag(a[0], w.x, sc, zc);
+      frag(a[1], w.y, sc, zc);
+      frag(a[2], w.z, sc, zc);
+      frag(a[3], w.w, sc, zc);
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        unsigned char* row = at + r * 8192 + (16 * wl + g + 8 * rh) * 128;
+        *reinterpret_cast<uint4*>(row + (((2 * t) ^ g) << 4)) = make_uint4(a[0][rh], a[0][rh + 2], a[1][rh], a[1][rh + 2]);
+        *reinterpret_cast<uint4*>(row + (((2 * t + 1) ^ g) << 4)) = make_uint4(a[2][rh], a[2][rh + 2], a[3][rh], a[3][rh + 2]);
+      }
+    }
+    fence_proxy_async();
+    warpgroup_bar(1 + wg);
+    const unsigned char* xs = xring + slot * SM::kStageX;
+    wgmma_fence();
+    if constexpr (SS) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t db = wgmma_desc_sw128(xs + 32 * j);
+#pragma unroll
+        for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma_ss(&acc[r][0][0], wgmma_desc_sw128(at + r * 8192 + 32 * j), db);
+      }
+    }
+    wgmma_commit_wait<1>();
+  };
+
   // Prologue: P-1 k blocks in flight (PAIRS: P-2; indices clamped to the split), the first
   // activations, then (nf4) the code-pair table.
 #pragma unroll
-  for (int s = 0; s < (PAIRS ? P - 2 : P - 1); ++s) issue(s, min(kb0 + s, kb_last));
+  for (int s = 0; s < (PAIRS || SS ? P - 2 : P - 1); ++s) issue(s, min(kb0 + s, kb_last));
   if constexpr (FMT == kW4NF4) {
     for (int i = tid; i < 256 * 32; i += kThr) {
       const int e = i >> 5;
@@ -545,7 +596,22 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   }
 
   int kb = kb0;
-  if constexpr (PAIRS) {
+  if constexpr (SS) {
+    // Block kb0 + i is in ring slot i % P, its fp16 weight tile in buffer i % 2. A step waits
+    // for its copies, then a barrier (everyone's copies landed; every warpgroup's wgmmas of
+    // step i-2 completed, by the wait at the end of step i-1), refills step i-2's slot P-2
+    // blocks ahead and dequantizes while step i-1's wgmmas run.
+#pragma unroll 1
+    for (int i = 0; kb0 + i < kb1; ++i) {
+      cp_async_wait<P - 3>();
+      fence_proxy_async();
+      __syncthreads();
+      issue((i + P - 2) % P, min(kb0 + i + P - 2, kb_last));
+      compute_ss(i % P, i & 1);
+    }
+    wgmma_commit_wait<0>();
+    cp_async_wait<0>();
+  } else if constexpr (PAIRS) {
     // Steps s, s+1 (blocks kb + s, kb + s + 1 in slots s, s+1): both blocks' copies landed,
     // one barrier (everyone is done with the previous pair's slots), refill those two slots
     // P-2 blocks ahead, compute both. A group is committed for every block, clamped or not,
@@ -842,7 +908,7 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
   constexpr int smem = Smem<FMT, W, R, NT, P, MODE>::kBytes;
   const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
-  LOWBIT_CHECK((MODE != kWgmma && MODE != kWgmmaSw) || info.sm90a,
+  LOWBIT_CHECK((MODE != kWgmma && MODE != kWgmmaSw && MODE != kWgmmaSS) || info.sm90a,
                "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
   LOWBIT_CHECK(MODE != kWgmmaSw || static_cast<int64_t>(p.M) * p.x_row_stride < (int64_t{1} << 31),
                "w4_matmul_cuda: this tile takes activations of fewer than 2^31 elements");
@@ -952,6 +1018,11 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 8: if (wgmma_ok<FMT, DT, 8, 2, 8, 4, kWgmma>()) return launch_mma<FMT, DT, 8, 2, 8, 4, kWgmma>(p, stream); break;
     case 15: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmmaSw>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmmaSw>(p, stream); break;
     case 16: if (wgmma_ok<FMT, DT, 8, 2, 8, 4, kWgmmaSw>()) return launch_mma<FMT, DT, 8, 2, 8, 4, kWgmmaSw>(p, stream); break;
+    // wgmma from shared memory on both sides (kWgmmaSS): 256 rows x 128 / 64 tokens, 128 x 256
+    case 26: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmmaSS>(p, stream); break;
+    case 27: if (wgmma_ok<FMT, DT, 8, 2, 8, 6, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 2, 8, 6, kWgmmaSS>(p, stream); break;
+    case 28: if (wgmma_ok<FMT, DT, 8, 1, 32, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 1, 32, 4, kWgmmaSS>(p, stream); break;
+    case 29: if (wgmma_ok<FMT, DT, 4, 2, 16, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 4, 2, 16, 4, kWgmmaSS>(p, stream); break;
 #endif
     default: break;
   }
