@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cooperative_groups.h>
+#include <cuda.h>  // CUtensorMap (the driver function is fetched at run time: no -lcuda)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -311,6 +312,64 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
   return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
+// The epilogue of the kernels: each warp's fp32 accumulators (has_acc; row tile r of warp w is
+// tile rows (wR + r) * 16) -> shared memory [token][row], reduced over the K-split cluster when
+// S > 1, plus bias -> out.
+template <int DT, int R, int NT, int BN, int kThr>
+__device__ __forceinline__ void store_tile(const Params& p, unsigned char* smem_raw, const float (&acc)[R][NT][4],
+                                           bool has_acc) {
+  using A = Act<DT>;
+  constexpr int BM = 8 * NT, LD = BN + 4;  // reduction tile row pitch (words): conflict-free stores
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  const int tt = static_cast<int>(blockIdx.x), rb = static_cast<int>(blockIdx.y), S = static_cast<int>(gridDim.z);
+  __syncthreads();  // every warp is done with the table and its ring before the tile overwrites them
+  float* red = reinterpret_cast<float*>(smem_raw);
+#pragma unroll
+  for (int r = 0; r < R && has_acc; ++r) {
+    const int row = (warp * R + r) * 16 + g;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int tok = 8 * n + 2 * t;
+      red[tok * LD + row] = acc[r][n][0];
+      red[(tok + 1) * LD + row] = acc[r][n][1];
+      red[tok * LD + row + 8] = acc[r][n][2];
+      red[(tok + 1) * LD + row + 8] = acc[r][n][3];
+    }
+  }
+
+  const int m_valid = min(BM, p.M - tt * BM);
+  const int E = m_valid * BN;
+  auto store = [&](int e, float v) {
+    const int tok = e / BN, row = e % BN;
+    const int grow = rb * BN + row;
+    if (grow < p.N) {
+      if (p.bias != nullptr) v += load_as_float(p.bias, grow, p.bias_dtype);
+      static_cast<uint16_t*>(p.out)[static_cast<int64_t>(tt * BM + tok) * p.N + grow] = A::from_float(v);
+    }
+  };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (S > 1) {  // launched as a cluster of the S K-splits of this tile
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int chunk = (E + S - 1) / S;
+    const int e1 = min(E, (rank + 1) * chunk);
+    for (int e = rank * chunk + tid; e < e1; e += kThr) {
+      const int off = (e / BN) * LD + e % BN;
+      float v = 0.0f;
+      for (int q = 0; q < S; ++q) v += cluster.map_shared_rank(red, q)[off];
+      store(e, v);
+    }
+    cluster.sync();  // keep this block's tile alive until every block has read it
+    return;
+  }
+#endif
+  __syncthreads();
+  for (int e = tid; e < E; e += kThr) store(e, red[(e / BN) * LD + e % BN]);
+}
+
+
 template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
 __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
   constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma || MODE == kWgmmaSw, SW = MODE == kWgmmaSw;
@@ -326,7 +385,6 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   constexpr int kThr = 32 * W;
   constexpr int BN = 16 * R * W;  // weight rows per block
   constexpr int BM = 8 * NT;      // tokens per block
-  constexpr int LD = BN + 4;      // reduction tile row pitch (words): conflict-free stores
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem_raw);
 
@@ -688,53 +746,190 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     }
   }
 
-  // Epilogue: partial tile -> shared memory [token][row] (fp32).
-  __syncthreads();  // every warp is done with the table and its ring before the tile overwrites them
-  float* red = reinterpret_cast<float*>(smem_raw);
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = (warp * R + r) * 16 + g;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int tok = 8 * n + 2 * t;
-      red[tok * LD + row] = acc[r][n][0];
-      red[(tok + 1) * LD + row] = acc[r][n][1];
-      red[tok * LD + row + 8] = acc[r][n][2];
-      red[(tok + 1) * LD + row + 8] = acc[r][n][3];
-    }
-  }
-
-  const int m_valid = min(BM, p.M - tt * BM);
-  const int E = m_valid * BN;
-  auto store = [&](int e, float v) {
-    const int tok = e / BN, row = e % BN;
-    const int grow = rb * BN + row;
-    if (grow < p.N) {
-      if (p.bias != nullptr) v += load_as_float(p.bias, grow, p.bias_dtype);
-      static_cast<uint16_t*>(p.out)[static_cast<int64_t>(tt * BM + tok) * p.N + grow] = A::from_float(v);
-    }
-  };
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (S > 1) {  // launched as a cluster of the S K-splits of this tile
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    const int rank = static_cast<int>(cluster.block_rank());
-    const int chunk = (E + S - 1) / S;
-    const int e1 = min(E, (rank + 1) * chunk);
-    for (int e = rank * chunk + tid; e < e1; e += kThr) {
-      const int off = (e / BN) * LD + e % BN;
-      float v = 0.0f;
-      for (int q = 0; q < S; ++q) v += cluster.map_shared_rank(red, q)[off];
-      store(e, v);
-    }
-    cluster.sync();  // keep this block's tile alive until every block has read it
-    return;
-  }
-#endif
-  __syncthreads();
-  for (int e = tid; e < E; e += kThr) store(e, red[(e / BN) * LD + e % BN]);
+  store_tile<DT, R, NT, BN, kThr>(p, smem_raw, acc, true);
 }
+
+// ---- w4_ws_kernel: warp-specialized wgmma GEMM for large M (sm_90a) ----------------------
+// ncu on the wgmma tiles of w4_mma_kernel (M=1024): tensor pipe 55% busy, nothing saturated,
+// issue 30%: every warp walks the same serial chain each k block (wait for copies, barrier,
+// issue the next copies, dequantize, store, wgmma), and that chain was longer than the block's
+// wgmmas. Here one producer warp feeds a ring of P stages with the Tensor Memory Accelerator
+// (the activation tile, 128-byte swizzled, zero-filled past M and K) and bulk copies (weights,
+// scales), on mbarriers; two consumer warpgroups only dequantize into a swizzled fp16 weight
+// tile (two buffers) and issue wgmmas from shared memory, which stay in flight while the next
+// k block is dequantized. Block: 128R weight rows x 8NT tokens; warp w (of 8 consumers) owns
+// row tiles wR .. wR+R-1, its warpgroup's m64 tile r takes row tile r of its four warps.
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+template <int FMT, int R, int NT, int P>
+struct WsSmem {
+  using ST = typename ScaleT<FMT>::type;
+  static constexpr int kRT = 8 * R;  // row tiles a block
+  static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
+  static constexpr int kBars = 128;                                  // full[P], empty[P]
+  static constexpr int kRingW = P * kRT * 512;                       // weights: [P][row tile][32 lanes] uint4
+  static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][2 groups][8]
+  static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
+  static constexpr int kABuf = 2 * kRT * 16 * 128;                   // two [128R rows][64 k] fp16 tiles
+  static constexpr int kMain = kLutBytes + kBars + kRingW + kRingS + 1024 + P * kStageX + kABuf;
+  static constexpr int kRedBytes = 8 * NT * (kRT * 16 + 4) * 4;
+  static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
+  static_assert(2 * P * 8 <= kBars, "barriers");
+};
+
+#if defined(LOWBIT_CUDA_SM90A)
+template <int FMT, int DT, int R, int NT, int P>
+__global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap) {
+  using ST = typename ScaleT<FMT>::type;
+  using SM = WsSmem<FMT, R, NT, P>;
+  constexpr int RT = SM::kRT, BN = 16 * RT, BM = 8 * NT;
+  float acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][n][c] = 0.0f;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using A = Act<DT>;
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem_raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + SM::kLutBytes);
+  uint64_t* empty = full + P;
+  uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes + SM::kBars);
+  ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kBars + SM::kRingW);
+  unsigned char* xring = smem_raw + SM::kLutBytes + SM::kBars + SM::kRingW + SM::kRingS;
+  xring += (1024u - (smem_u32(xring) & 1023u)) & 1023u;  // the swizzle repeats every 1024 bytes
+  unsigned char* abuf = xring + P * SM::kStageX;
+  const int g = lane >> 2, t = lane & 3;
+  const int tt = static_cast<int>(blockIdx.x), rb = static_cast<int>(blockIdx.y);
+  const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
+  const int kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
+  const int nk = static_cast<int>(static_cast<int64_t>(split + 1) * p.nkb / S) - kb0;
+  // Scale groups a k block spans: 2 when groups are 32 wide, else 1.
+  const int sgroups = p.gshift == 5 ? 2 : 1;
+  if (tid == 0) {
+    for (int s = 0; s < P; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if constexpr (FMT == kW4NF4) {
+    for (int i = tid; i < 256 * 32; i += 288) {
+      const int e = i >> 5;
+      lut[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
+    }
+  }
+  __syncthreads();
+
+  if (warp == 8) {
+    // Producer: stage s = i % P is refilled once the consumers released it (empty), then the
+    // copies complete `full` by their byte count.
+    const uint64_t pol = l2_policy(p.l2_evict_first != 0);
+    const uint32_t sbytes = sgroups * 8 * sizeof(ST);
+    const uint32_t bytes = BM * 128 + RT * (512 + sbytes);
+    for (int i = 0; i < nk; ++i) {
+      const int s = i % P, kb = kb0 + i;
+      if (i >= P) mbar_wait(empty + s, ((i / P) - 1) & 1);
+      if (lane == 0) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + s)), "r"(bytes)
+                     : "memory");
+        asm volatile(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+            "[%4];" ::"r"(smem_u32(xring + s * SM::kStageX)),
+            "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb * 64), "r"(tt * BM), "r"(smem_u32(full + s))
+            : "memory");
+      }
+      if (lane < RT) {
+        // Row tiles past the weight (in the last block) read row tile 0: never stored.
+        const int64_t rt = rb * RT + lane < p.n_rt ? rb * RT + lane : 0;
+        const int gi0 = static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], 512, [%2], "
+            "%3;" ::"r"(smem_u32(wring + (s * RT + lane) * 32)),
+            "l"(p.w + (rt * p.nkb + kb) * 32), "r"(smem_u32(full + s)), "l"(pol)
+            : "memory");
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+            "%4;" ::"r"(smem_u32(sring + (s * RT + lane) * 16)),
+            "l"(static_cast<const ST*>(p.s) + (rt * p.num_groups + gi0) * 8), "r"(sbytes), "r"(smem_u32(full + s)),
+            "l"(pol)
+            : "memory");
+      }
+    }
+  } else {
+    // Consumers. Lane (g, t) holds physical k 16t .. 16t+15 of rows g and g+8 of each row tile
+    // (k step j, half h: k 16t + 4j + 2h): 16-byte chunks 2t and 2t+1 of those 128-byte rows,
+    // stored swizzled like the activation tile (lanes 0-7 hit 8 distinct chunks).
+    const int wg = warp >> 2, wl = warp & 3;
+    const uint32_t* lut_lane = lut + lane;
+    for (int i = 0; i < nk; ++i) {
+      const int s = i % P, kb = kb0 + i;
+      mbar_wait(full + s, (i / P) & 1);
+      const int gl = static_cast<int>(static_cast<unsigned>(kb * 64 + 16 * t) >> p.gshift) -
+                     static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
+      unsigned char* at = abuf + ((i & 1) * 2 + wg) * R * 8192;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int rtl = warp * R + r;
+        const uint4 w = wring[(s * RT + rtl) * 32 + lane];
+        uint32_t sc[2], zc[2], a[4][4];
+        split_scales<FMT>(sring[(s * RT + rtl) * 16 + gl * 8 + g], sc, zc);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) a[j][q] = dequant<FMT, DT>(words[j], q, sc, zc, lut_lane);
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+          unsigned char* row = at + r * 8192 + (16 * wl + g + 8 * rh) * 128;
+          *reinterpret_cast<uint4*>(row + (((2 * t) ^ g) << 4)) = make_uint4(a[0][rh], a[0][rh + 2], a[1][rh], a[1][rh + 2]);
+          *reinterpret_cast<uint4*>(row + (((2 * t + 1) ^ g) << 4)) = make_uint4(a[2][rh], a[2][rh + 2], a[3][rh], a[3][rh + 2]);
+        }
+      }
+      fence_proxy_async();
+      warpgroup_bar(1 + wg);
+      const unsigned char* xs = xring + s * SM::kStageX;
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t db = wgmma_desc_sw128(xs + 32 * j);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          Wgmma<8 * NT, DT == kBFloat16>::mma_ss(&acc[r][0][0], wgmma_desc_sw128(at + r * 8192 + 32 * j), db);
+      }
+      wgmma_commit_wait<1>();  // block i-1's wgmmas are done: release its stage
+      if (i > 0 && lane == 0) mbar_arrive(empty + (i - 1) % P);
+    }
+    wgmma_commit_wait<0>();
+  }
+#else
+  (void)lane;
+  __trap();
+#endif
+  store_tile<DT, R, NT, 16 * SM::kRT, 288>(p, smem_raw, acc, warp < 8);
+}
+#endif  // LOWBIT_CUDA_SM90A
 
 template <int FMT, int DT>
 __global__ void __launch_bounds__(256) w4_dequant_kernel(const Params p) {
@@ -934,6 +1129,70 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), "w4_matmul_cuda", "kernel launch");
 }
 
+#if defined(LOWBIT_CUDA_SM90A)
+// The activations' tensor map for w4_ws_kernel: [M rows][K] 16-bit elements, boxes of 8NT rows
+// x 64 k in 128-byte-swizzled rows, zero-filled past M and K. False where TMA cannot take them
+// (a base or row stride not a multiple of 16 bytes, or no driver entry point).
+inline bool make_x_map(const Params& p, int box_rows, CUtensorMap* map) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static const Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || (p.x_row_stride * 2) % 16 != 0) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.K), static_cast<cuuint64_t>(p.M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.x_row_stride) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(p.x), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
+// GPU, or activations TMA cannot read (the caller then takes another kernel).
+template <int FMT, int DT, int R, int NT, int P>
+bool launch_ws(const Params& p, cudaStream_t stream) {
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P>;
+  using SM = WsSmem<FMT, R, NT, P>;
+  constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  const KernelInfo info = kernel_info(kernel, device, 288, SM::kBytes);
+  CUtensorMap xmap;
+  if (!info.sm90a || !make_x_map(p, BM, &xmap)) return false;
+  const int64_t tblocks = (p.M + BM - 1) / BM;
+  const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
+  LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
+  const int S = choose_split(info, tblocks * rblocks, p.nkb);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
+  cfg.blockDim = dim3(288, 1, 1);
+  cfg.dynamicSmemBytes = SM::kBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  cfg.attrs = attr;
+  cfg.numAttrs = 0;
+  if (S > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = static_cast<unsigned>(S);
+    cfg.numAttrs = 1;
+  }
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, xmap), "w4_matmul_cuda", "kernel launch");
+  return true;
+}
+#endif
+
 }  // namespace
 
 // True if the wgmma variant can run here (an sm_90 GPU loaded this build's sm_90a binary).
@@ -1023,6 +1282,12 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 27: if (wgmma_ok<FMT, DT, 8, 2, 8, 6, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 2, 8, 6, kWgmmaSS>(p, stream); break;
     case 28: if (wgmma_ok<FMT, DT, 8, 1, 32, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 1, 32, 4, kWgmmaSS>(p, stream); break;
     case 29: if (wgmma_ok<FMT, DT, 4, 2, 16, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 4, 2, 16, 4, kWgmmaSS>(p, stream); break;
+    // the warp-specialized kernel (TMA, mbarriers): 128R rows x 8NT tokens, P stages
+    case 30: if (launch_ws<FMT, DT, 1, 32, 4>(p, stream)) return; break;
+    case 31: if (launch_ws<FMT, DT, 2, 16, 4>(p, stream)) return; break;
+    case 32: if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return; break;
+    case 33: if (launch_ws<FMT, DT, 2, 8, 6>(p, stream)) return; break;
+    case 34: if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return; break;
 #endif
     default: break;
   }
