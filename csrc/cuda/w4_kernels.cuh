@@ -322,6 +322,7 @@ __device__ __forceinline__ void store_tile(const Params& p, unsigned char* smem_
   constexpr int BM = 8 * NT, LD = BN + 4;  // reduction tile row pitch (words): conflict-free stores
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
   const int tt = static_cast<int>(blockIdx.x), rb = static_cast<int>(blockIdx.y), S = static_cast<int>(gridDim.z);
+  (void)S;  // (the K-split reduction exists only in sm_90+ code)
   __syncthreads();  // every warp is done with the table and its ring before the tile overwrites them
   float* red = reinterpret_cast<float*>(smem_raw);
 #pragma unroll
@@ -800,7 +801,6 @@ template <int FMT, int DT, int R, int NT, int P>
 __global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap) {
   using ST = typename ScaleT<FMT>::type;
   using SM = WsSmem<FMT, R, NT, P>;
-  constexpr int RT = SM::kRT, BN = 16 * RT, BM = 8 * NT;
   float acc[R][NT][4];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -812,6 +812,7 @@ __global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __g
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using A = Act<DT>;
+  constexpr int RT = SM::kRT, BM = 8 * NT;
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem_raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + SM::kLutBytes);
   uint64_t* empty = full + P;
