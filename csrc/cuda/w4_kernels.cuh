@@ -766,18 +766,20 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+// The spin loop and the one-lane predicate live inside the asm: ptxas serializes wgmmas whose
+// pipeline spans a divergent branch of the C++ code (C7520).
+__device__ __forceinline__ void mbar_arrive_if(uint64_t* bar, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}" ::"r"(smem_u32(bar)),
+      "r"(static_cast<uint32_t>(pred))
+      : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}" ::"r"(
+          smem_u32(bar)),
+      "r"(parity)
+      : "memory");
 }
 
 template <int FMT, int R, int NT, int P>
@@ -809,7 +811,8 @@ __global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __g
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][n][c] = 0.0f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);  // warp-uniform to the compiler
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using A = Act<DT>;
   constexpr int RT = SM::kRT, BM = 8 * NT;
@@ -920,7 +923,7 @@ __global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __g
           Wgmma<8 * NT, DT == kBFloat16>::mma_ss(&acc[r][0][0], wgmma_desc_sw128(at + r * 8192 + 32 * j), db);
       }
       wgmma_commit_wait<1>();  // block i-1's wgmmas are done: release its stage
-      if (i > 0 && lane == 0) mbar_arrive(empty + (i - 1) % P);
+      mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
     }
     wgmma_commit_wait<0>();
   }
