@@ -782,6 +782,25 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// A TMA copy of one box of a 2-D tensor map into shared memory, completing `bar` by its bytes
+// (with an L2 policy when `hint`).
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                            uint64_t pol, bool hint) {
+  if (hint) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
+        "{%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "l"(pol)
+        : "memory");
+  } else {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+        : "memory");
+  }
+}
+
 template <int FMT, int R, int NT, int P>
 struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
@@ -789,7 +808,7 @@ struct WsSmem {
   static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
   static constexpr int kBars = 128;                                  // full[P], empty[P]
   static constexpr int kRingW = P * kRT * 512;                       // weights: [P][row tile][32 lanes] uint4
-  static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][2 groups][8]
+  static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][1 or 2 groups][8]
   static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
   static constexpr int kABuf = 2 * kRT * 16 * 128;                   // two [128R rows][64 k] fp16 tiles
   static constexpr int kMain = kLutBytes + kBars + kRingW + kRingS + 1024 + P * kStageX + kABuf;
@@ -800,7 +819,9 @@ struct WsSmem {
 
 #if defined(LOWBIT_CUDA_SM90A)
 template <int FMT, int DT, int R, int NT, int P>
-__global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap) {
+__global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
+                                                      const __grid_constant__ CUtensorMap wmap,
+                                                      const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
   using SM = WsSmem<FMT, R, NT, P>;
   float acc[R][NT][4];
@@ -847,38 +868,22 @@ __global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __g
   __syncthreads();
 
   if (warp == 8) {
-    // Producer: stage s = i % P is refilled once the consumers released it (empty), then the
-    // copies complete `full` by their byte count.
+    // Producer: stage s = i % P is refilled once the consumers released it (empty), by three
+    // TMA copies (activations; the block's RT row tiles of weights, each k block's 512 bytes;
+    // their scales) that complete `full` by their byte count. Past N the boxes are zero-filled.
     const uint64_t pol = l2_policy(p.l2_evict_first != 0);
-    const uint32_t sbytes = sgroups * 8 * sizeof(ST);
-    const uint32_t bytes = BM * 128 + RT * (512 + sbytes);
+    const uint32_t bytes = BM * 128 + RT * (512 + sgroups * 8 * sizeof(ST));
+    constexpr int kSWords = 8 * sizeof(ST) / 4;  // 32-bit words of one group's scales of a row tile
     for (int i = 0; i < nk; ++i) {
       const int s = i % P, kb = kb0 + i;
       if (i >= P) mbar_wait(empty + s, ((i / P) - 1) & 1);
       if (lane == 0) {
+        const int gi0 = static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + s)), "r"(bytes)
                      : "memory");
-        asm volatile(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-            "[%4];" ::"r"(smem_u32(xring + s * SM::kStageX)),
-            "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb * 64), "r"(tt * BM), "r"(smem_u32(full + s))
-            : "memory");
-      }
-      if (lane < RT) {
-        // Row tiles past the weight (in the last block) read row tile 0: never stored.
-        const int64_t rt = rb * RT + lane < p.n_rt ? rb * RT + lane : 0;
-        const int gi0 = static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], 512, [%2], "
-            "%3;" ::"r"(smem_u32(wring + (s * RT + lane) * 32)),
-            "l"(p.w + (rt * p.nkb + kb) * 32), "r"(smem_u32(full + s)), "l"(pol)
-            : "memory");
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
-            "%4;" ::"r"(smem_u32(sring + (s * RT + lane) * 16)),
-            "l"(static_cast<const ST*>(p.s) + (rt * p.num_groups + gi0) * 8), "r"(sbytes), "r"(smem_u32(full + s)),
-            "l"(pol)
-            : "memory");
+        tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
+        tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb * RT, full + s, pol, true);
+        tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb * RT, full + s, pol, true);
       }
     }
   } else {
@@ -898,7 +903,7 @@ __global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __g
         const int rtl = warp * R + r;
         const uint4 w = wring[(s * RT + rtl) * 32 + lane];
         uint32_t sc[2], zc[2], a[4][4];
-        split_scales<FMT>(sring[(s * RT + rtl) * 16 + gl * 8 + g], sc, zc);
+        split_scales<FMT>(sring[s * RT * 16 + rtl * 8 * sgroups + gl * 8 + g], sc, zc);
         const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -1134,10 +1139,11 @@ void launch_mma(const Params& p, cudaStream_t stream) {
 }
 
 #if defined(LOWBIT_CUDA_SM90A)
-// The activations' tensor map for w4_ws_kernel: [M rows][K] 16-bit elements, boxes of 8NT rows
-// x 64 k in 128-byte-swizzled rows, zero-filled past M and K. False where TMA cannot take them
-// (a base or row stride not a multiple of 16 bytes, or no driver entry point).
-inline bool make_x_map(const Params& p, int box_rows, CUtensorMap* map) {
+// A 2-D tensor map over `rows` rows of `inner` elements of `elem_bytes` (1, 2 or 4) each,
+// `stride` bytes apart, boxes of box_rows x box_inner, zero-filled past the edges. False where
+// TMA cannot take it (a base or stride not a multiple of 16 bytes, or no driver entry point).
+inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int64_t inner, int64_t rows,
+                        int64_t stride, int box_inner, int box_rows, bool swizzle128) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -1151,14 +1157,17 @@ inline bool make_x_map(const Params& p, int box_rows, CUtensorMap* map) {
     }
     return reinterpret_cast<Encode>(fn);
   }();
-  if (encode == nullptr || reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || (p.x_row_stride * 2) % 16 != 0) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.K), static_cast<cuuint64_t>(p.M)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.x_row_stride) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || stride % 16 != 0) return false;
+  const CUtensorMapDataType dt = elem_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                 : elem_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16
+                                                   : CU_TENSOR_MAP_DATA_TYPE_UINT32;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(p.x), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode(map, dt, 2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
@@ -1170,9 +1179,23 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  if constexpr (SM::kBytes > 227 * 1024) {
+    return false;  // (nf4's table leaves no room for this many stages)
+  } else {
   const KernelInfo info = kernel_info(kernel, device, 288, SM::kBytes);
-  CUtensorMap xmap;
-  if (!info.sm90a || !make_x_map(p, BM, &xmap)) return false;
+  if (!info.sm90a) return false;
+  // Activations [M][K] (boxes of BM tokens x 64 k, swizzled); weights as [row tiles][nkb x 512
+  // bytes] (32-bit words; boxes of RT row tiles x one k block); scales as [row tiles][groups x 8
+  // entries] (boxes of the 1 or 2 groups of a k block).
+  using ST = typename ScaleT<FMT>::type;
+  const int sw = 8 * static_cast<int>(sizeof(ST)) / 4, sg = p.gshift == 5 ? 2 : 1;
+  CUtensorMap xmap, wmap, smap;
+  if (!make_map_2d(&xmap, p.x, 2, p.K, p.M, p.x_row_stride * 2, 64, BM, true) ||
+      !make_map_2d(&wmap, p.w, 4, int64_t{p.nkb} * 128, p.n_rt, int64_t{p.nkb} * 512, 128, SM::kRT, false) ||
+      !make_map_2d(&smap, p.s, 4, int64_t{p.num_groups} * sw, p.n_rt, int64_t{p.num_groups} * sw * 4, sg * sw,
+                   SM::kRT, false)) {
+    return false;
+  }
   const int64_t tblocks = (p.M + BM - 1) / BM;
   const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
@@ -1192,8 +1215,9 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
     attr[0].val.clusterDim.z = static_cast<unsigned>(S);
     cfg.numAttrs = 1;
   }
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, xmap), "w4_matmul_cuda", "kernel launch");
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, xmap, wmap, smap), "w4_matmul_cuda", "kernel launch");
   return true;
+  }
 }
 #endif
 
@@ -1292,6 +1316,7 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 32: if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return; break;
     case 33: if (launch_ws<FMT, DT, 2, 8, 6>(p, stream)) return; break;
     case 34: if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return; break;
+    case 35: if (launch_ws<FMT, DT, 1, 32, 5>(p, stream)) return; break;  // int4 only (shared memory)
 #endif
     default: break;
   }
