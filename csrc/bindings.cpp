@@ -338,6 +338,8 @@ PYBIND11_MODULE(_C, m) {
         "act_dtype"_a, "packed_w_ptr"_a, "packed_s_ptr"_a, "out_ptr"_a, "N"_a, "K"_a, "n_pad"_a, "k_pad"_a,
         "group_size"_a, "num_groups"_a, "stream"_a,
         "out[N, K] (contiguous, act_dtype) = the dense weight of a 4-bit weight in the CUDA layout.");
+  m.def("w4_fused_large_m_cuda", &lowbit::cuda::w4_fused_large_m, "device"_a,
+        "True if w4_matmul_cuda has its large-M tensor-core kernel on this GPU (sm_90a build on Hopper).");
 #endif
   m.def("build_info", &lowbit::build_info, "What this build of the native module contains (a dict).");
   m.def("cpu_isa", &lowbit::cpu_isa,

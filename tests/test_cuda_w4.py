@@ -242,7 +242,7 @@ def test_int4_kernel_matches_reference(m, n, k, g, dtype):
 @pytest.mark.parametrize("asym", [True, False])
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
 def test_int4_every_group_size(g, asym, dtype):
-    for m in (1, 6, 16, 40):
+    for m in (1, 6, 16, 40, 130, 300):
         _int4_case(m, 300, 1024, g, asym, dtype, seed=g + m)
 
 

@@ -22,6 +22,9 @@ void int4_matmul(const Int4MatmulArgs& args, uintptr_t stream);
 // check_w4_args; these check that every pointer is device memory of one GPU.
 void w4_matmul(const W4Args& args, uintptr_t stream);
 void w4_dequant(const W4Args& args, uintptr_t stream);
+// True if GPU `device` runs this build's large-M kernel of w4_matmul (the warp-specialized
+// wgmma kernel: an sm_90a binary on an sm_90 GPU); the dense path is then not needed.
+bool w4_fused_large_m(int device);
 
 // CUDART_VERSION the module was compiled against (e.g. 13000).
 int compiled_runtime_version();

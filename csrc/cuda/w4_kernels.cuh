@@ -1233,6 +1233,18 @@ bool wgmma_ok() {
       .sm90a;
 }
 
+template <int FMT, int DT>
+bool w4_ws_ready() {
+#if defined(LOWBIT_CUDA_SM90A)
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  using SM = WsSmem<FMT, 1, 16, 6>;
+  return kernel_info(w4_ws_kernel<FMT, DT, 1, 16, 6>, device, 288, SM::kBytes).sm90a;
+#else
+  return false;
+#endif
+}
+
 // True if the one-token register kernel's K split leaves each block at most 4 k blocks.
 template <int FMT, int DT, int P>
 bool short_splits(const Params& p) {
@@ -1319,6 +1331,20 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 35: if (launch_ws<FMT, DT, 1, 32, 5>(p, stream)) return; break;  // int4 only (shared memory)
 #endif
     default: break;
+  }
+#endif
+#if defined(LOWBIT_CUDA_SM90A)
+  // Beyond 64 tokens on Hopper: the warp-specialized wgmma kernel (measured on an H100 against
+  // the 64-token tiles: M=128 28672x8192 206 -> 127-144 us, M=256 400 -> 200 us, M=1024 1405 ->
+  // 694 us). 128 tokens a block up to 128 tokens, and on short weights (N < 8192) up to 256,
+  // where 256-token blocks leave SMs idle; else 256 (5 stages for int4; nf4's table leaves
+  // room for 4). Not taken (false) where TMA cannot read the activations.
+  if (p.M > 64) {
+    if (p.M <= 128 || (p.M <= 256 && p.N < 8192)) {
+      if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return;
+    } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5>(p, stream)) {
+      return;
+    }
   }
 #endif
   // Beyond 16 tokens the activation tile goes through shared memory (measured on an H100, M=32:

@@ -18,6 +18,11 @@ void w4_launch(const W4Args& a, cudaStream_t stream);
 template <int FMT, int DT>
 void w4_dequant_launch(const W4Args& a, cudaStream_t stream);
 
+// True if the current GPU runs the warp-specialized large-M kernel (instantiated for int4/f16;
+// every format and dtype share its requirements).
+template <int FMT, int DT>
+bool w4_ws_ready();
+
 }  // namespace w4
 }  // namespace cuda
 }  // namespace lowbit

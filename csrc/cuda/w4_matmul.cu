@@ -60,5 +60,11 @@ void w4_dequant(const W4Args& a, uintptr_t stream) {
   dispatch<true>(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
+bool w4_fused_large_m(int device) {
+  constexpr const char* fn = "w4_fused_large_m_cuda";
+  DeviceGuard guard(device, fn);
+  return w4::w4_ws_ready<kW4Int4, kFloat16>();
+}
+
 }  // namespace cuda
 }  // namespace lowbit

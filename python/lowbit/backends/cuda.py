@@ -6,9 +6,10 @@ Kernels are enqueued on torch's current stream of the tensors' device; nothing s
 
 int4 and nf4 with float16/bfloat16 activations run the 4-bit tensor-core kernels
 (csrc/cuda/w4_*.cu) on a repacked copy of the weight, made on first use and cached per
-``qweight`` tensor (:mod:`lowbit.backends.w4_layout`). For ``M >= dense_min_m()`` rows the
-weight is dequantized by a CUDA kernel into a dense temporary and multiplied by cuBLAS
-(compute-bound sizes, where cuBLAS's tensor-core GEMM wins). float32 activations and int4
+``qweight`` tensor (:mod:`lowbit.backends.w4_layout`). For ``M >= dense_min_m(device)`` rows
+the weight is dequantized by a CUDA kernel into a dense temporary and multiplied by cuBLAS
+(compute-bound sizes, where cuBLAS's tensor-core GEMM beats the mma.sync kernels); on Hopper
+with an sm_90a build the fused warp-specialized wgmma kernel takes every M instead. float32 activations and int4
 shapes outside the layout (K not a multiple of 32, odd group sizes) take the simple
 warp-per-output int4 kernel; nf4 with K not a multiple of the block size is left to the
 next backend.
@@ -34,20 +35,31 @@ if not _native.has("int4_matmul_cuda"):
 
 _W4 = _native.has("w4_matmul_cuda")
 _HALF = (torch.float16, torch.bfloat16)
-#: Default number of rows from which the dense path (dequantize + cuBLAS) is used: on an H100
-#: the fused kernel (64-token shared-memory tiles) wins at M=256 (28672x8192: 396 vs 500 us)
-#: and loses at M=512 (~790 vs 628 us).
+#: Default number of rows from which the dense path (dequantize + cuBLAS) is used where the
+#: fused large-M kernel cannot run (before Hopper, or a build without sm_90a): the mma.sync
+#: kernel (64-token shared-memory tiles) wins at M=256 (H100, 28672x8192: 396 vs 500 us) and
+#: loses at M=512 (~790 vs 628 us).
 DENSE_MIN_M = 320
+_NEVER = 1 << 62
+_fused_large_m: dict[int, bool] = {}
 
 
-def dense_min_m() -> int:
-    """Rows of ``x`` from which int4/nf4 run dequantize + cuBLAS (``LOWBIT_CUDA_W4_DENSE_M``
-    overrides the default, :data:`DENSE_MIN_M`; 0 turns the dense path off)."""
+def dense_min_m(device: torch.device | int | None = None) -> int:
+    """Rows of ``x`` from which int4/nf4 run dequantize + cuBLAS on ``device``:
+    ``LOWBIT_CUDA_W4_DENSE_M`` if set (0 turns the dense path off), else never where the
+    fused kernels cover large M (Hopper, sm_90a build), else :data:`DENSE_MIN_M`."""
     v = os.environ.get("LOWBIT_CUDA_W4_DENSE_M", "").strip()
-    if not v:
-        return DENSE_MIN_M
-    m = int(v)
-    return m if m > 0 else 1 << 62
+    if v:
+        m = int(v)
+        return m if m > 0 else _NEVER
+    if device is not None and _native.has("w4_fused_large_m_cuda"):
+        idx = torch.device("cuda", device).index if isinstance(device, int) else device.index
+        idx = torch.cuda.current_device() if idx is None else idx
+        if idx not in _fused_large_m:
+            _fused_large_m[idx] = bool(_native.C.w4_fused_large_m_cuda(device=idx))
+        if _fused_large_m[idx]:
+            return _NEVER
+    return DENSE_MIN_M
 
 
 def _w4_ready(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -69,7 +81,7 @@ def _w4_matmul(x: torch.Tensor, packed: w4_layout.PackedW4, bias: torch.Tensor |
     if m == 0:
         return x.new_empty(out_shape)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    if m >= dense_min_m():
+    if m >= dense_min_m(x.device):
         w = torch.empty((packed.n, packed.k), dtype=x.dtype, device=x.device)
         _native.C.w4_dequant_cuda(
             fmt=packed.fmt, act_dtype=DTYPE_CODES[x.dtype], packed_w_ptr=packed.packed_w.data_ptr(),
