@@ -1339,6 +1339,13 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   // 694 us). 128 tokens a block up to 128 tokens, and on short weights (N < 8192) up to 256,
   // where 256-token blocks leave SMs idle; else 256 (5 stages for int4; nf4's table leaves
   // room for 4). Not taken (false) where TMA cannot read the activations.
+  // From 33 tokens on tall weights: 64-token blocks of 256 rows (N >= 16384) or 128 rows (M=64,
+  // H100: 28672x8192 105.8 -> 99.3 us, 8192x28672 157.2 -> 112.9, 14336x4096 39.9 -> 36.4; the
+  // mma.sync tiles stay ahead on N=4096).
+  if (p.M > 32 && p.M <= 64) {
+    if (p.N >= 16384 && launch_ws<FMT, DT, 2, 8, 6>(p, stream)) return;
+    if (p.N >= 8192 && p.N < 16384 && launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
+  }
   if (p.M > 64) {
     if (p.M <= 128 || (p.M <= 256 && p.N < 8192)) {
       if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return;

@@ -9,7 +9,7 @@ int4 and nf4 with float16/bfloat16 activations run the 4-bit tensor-core kernels
 ``qweight`` tensor (:mod:`lowbit.backends.w4_layout`). For ``M >= dense_min_m(device)`` rows
 the weight is dequantized by a CUDA kernel into a dense temporary and multiplied by cuBLAS
 (compute-bound sizes, where cuBLAS's tensor-core GEMM beats the mma.sync kernels); on Hopper
-with an sm_90a build the fused warp-specialized wgmma kernel takes every M instead. float32 activations and int4
+with an sm_90a build the fused warp-specialized wgmma kernel takes M up to 3071. float32 activations and int4
 shapes outside the layout (K not a multiple of 32, odd group sizes) take the simple
 warp-per-output int4 kernel; nf4 with K not a multiple of the block size is left to the
 next backend.
@@ -40,14 +40,19 @@ _HALF = (torch.float16, torch.bfloat16)
 #: kernel (64-token shared-memory tiles) wins at M=256 (H100, 28672x8192: 396 vs 500 us) and
 #: loses at M=512 (~790 vs 628 us).
 DENSE_MIN_M = 320
+#: The same where the warp-specialized wgmma kernel runs (Hopper, sm_90a build): it beats
+#: dequantize + cuBLAS up to M=2048 (H100, 28672x8192 int4: 1435 vs 1560 us) and loses from
+#: M=4096 (3080 vs 2836 us).
+DENSE_MIN_M_FUSED = 3072
 _NEVER = 1 << 62
 _fused_large_m: dict[int, bool] = {}
 
 
 def dense_min_m(device: torch.device | int | None = None) -> int:
     """Rows of ``x`` from which int4/nf4 run dequantize + cuBLAS on ``device``:
-    ``LOWBIT_CUDA_W4_DENSE_M`` if set (0 turns the dense path off), else never where the
-    fused kernels cover large M (Hopper, sm_90a build), else :data:`DENSE_MIN_M`."""
+    ``LOWBIT_CUDA_W4_DENSE_M`` if set (0 turns the dense path off), else where the
+    fused kernels cover large M (Hopper, sm_90a build) :data:`DENSE_MIN_M_FUSED`, else
+    :data:`DENSE_MIN_M`."""
     v = os.environ.get("LOWBIT_CUDA_W4_DENSE_M", "").strip()
     if v:
         m = int(v)
@@ -58,7 +63,7 @@ def dense_min_m(device: torch.device | int | None = None) -> int:
         if idx not in _fused_large_m:
             _fused_large_m[idx] = bool(_native.C.w4_fused_large_m_cuda(device=idx))
         if _fused_large_m[idx]:
-            return _NEVER
+            return DENSE_MIN_M_FUSED
     return DENSE_MIN_M
 
 
