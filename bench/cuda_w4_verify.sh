@@ -21,7 +21,7 @@ el bench
 if [ "${MEMCHECK:-0}" = 1 ]; then
   # Without torch's caching allocator memcheck sees every allocation's bounds.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_S:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "not graphs" >"$OUT/memcheck.log" 2>&1
+    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "${MEMCHECK_K:-not graphs}" >"$OUT/memcheck.log" 2>&1
   echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -2
   el memcheck
 fi
