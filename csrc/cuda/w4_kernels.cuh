@@ -1334,20 +1334,24 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   }
 #endif
 #if defined(LOWBIT_CUDA_SM90A)
-  // Beyond 64 tokens on Hopper: the warp-specialized wgmma kernel (measured on an H100 against
-  // the 64-token tiles: M=128 28672x8192 206 -> 127-144 us, M=256 400 -> 200 us, M=1024 1405 ->
-  // 694 us). 128 tokens a block up to 128 tokens, and on short weights (N < 8192) up to 256,
-  // where 256-token blocks leave SMs idle; else 256 (5 stages for int4; nf4's table leaves
-  // room for 4). Not taken (false) where TMA cannot read the activations.
-  // From 33 tokens on tall weights: 64-token blocks of 256 rows (N >= 16384) or 128 rows (M=64,
-  // H100: 28672x8192 105.8 -> 99.3 us, 8192x28672 157.2 -> 112.9, 14336x4096 39.9 -> 36.4; the
-  // mma.sync tiles stay ahead on N=4096).
+  // Hopper: the warp-specialized wgmma kernel where it wins (measured on an H100; not taken,
+  // false, where TMA cannot read the activations):
+  //   * 33-64 tokens on tall weights: 64-token blocks of 256 rows (N >= 16384) or 128 rows
+  //     (28672x8192 105.8 -> 99.3 us, 8192x28672 157.2 -> 112.9, 14336x4096 39.9 -> 36.4); the
+  //     mma.sync tiles stay ahead on N = 4096;
+  //   * beyond 64 tokens (against the 64-token mma.sync tiles: M=128 28672x8192 206 -> 127 us,
+  //     M=256 400 -> 200 us, M=1024 1405 -> 694 us): 128-token blocks up to 128 tokens (256 rows
+  //     on the tallest weights) and on short weights (N < 8192) up to 256, where 256-token
+  //     blocks leave SMs idle; else 256-token blocks (5 stages for int4; nf4's table leaves
+  //     room for 4).
   if (p.M > 32 && p.M <= 64) {
     if (p.N >= 16384 && launch_ws<FMT, DT, 2, 8, 6>(p, stream)) return;
     if (p.N >= 8192 && p.N < 16384 && launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
   }
   if (p.M > 64) {
-    if (p.M <= 128 || (p.M <= 256 && p.N < 8192)) {
+    if (p.M <= 128 && p.N >= 16384) {  // 256 rows a block (28672x8192 M=128: 144.9 -> 126.6 us)
+      if (launch_ws<FMT, DT, 2, 16, 4>(p, stream)) return;
+    } else if (p.M <= 128 || (p.M <= 256 && p.N < 8192)) {
       if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return;
     } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5>(p, stream)) {
       return;
