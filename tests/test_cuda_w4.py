@@ -416,3 +416,39 @@ def test_linear_uses_the_cached_layout_and_round_trips_state_dict(fmt, opts):
     other = lowbit.Linear.from_linear(torch.nn.Linear(512, 300).to("cuda", torch.float16), fmt, **opts)
     fresh.load_state_dict(other.state_dict())  # in-place copies into the buffers: the cache must see them
     assert torch.equal(fresh(x), other(x))
+
+
+@cuda
+@pytest.mark.parametrize("fmt,opts", [("int4", {"group_size": 128}), ("nf4", {"blocksize": 64, "double_quant": True})])
+def test_linear_eager_plan_follows_every_change(fmt, opts):
+    # Plain eager calls of lowbit.Linear reuse a prepared call (lowbit.nn.linear._Plan): it must
+    # give the op's result, bit for bit, and be remade whenever what it was made from changes.
+    from lowbit.nn import linear as lin
+
+    torch.manual_seed(1)
+    layer = lowbit.Linear.from_linear(torch.nn.Linear(512, 300).to("cuda", torch.float16), fmt, **opts)
+    x = torch.randn(5, 512, dtype=torch.float16, device="cuda")
+
+    def op(x):  # the op path (checks, backend selection)
+        return layer._layout.matmul(layer, x, layer.bias)
+
+    with torch.no_grad():
+        y0 = layer(x)
+        assert lin._PLANS[layer].run is not None
+        assert torch.equal(layer(x), y0) and torch.equal(y0, op(x))
+        assert torch.equal(layer(x[:1]), op(x[:1]))  # another M, same plan
+        other = lowbit.Linear.from_linear(torch.nn.Linear(512, 300).to("cuda", torch.float16), fmt, **opts)
+        layer.load_state_dict(other.state_dict())  # copies in place: new versions
+        assert torch.equal(layer(x), other(x))
+        layer.bias = torch.nn.Parameter(torch.randn(300, device="cuda", dtype=torch.float16))  # a new object
+        assert torch.equal(layer(x), op(x))
+        layer.bias = None
+        assert torch.equal(layer(x), op(x))
+        xb = x.to(torch.bfloat16)
+        layer.bfloat16()
+        assert torch.equal(layer(xb), op(xb))
+        with pytest.raises(ValueError, match="in_features"):
+            layer(torch.randn(2, 256, dtype=torch.bfloat16, device="cuda"))
+    xg = xb.clone().requires_grad_()  # autograd: the op path
+    layer(xg).float().sum().backward()
+    assert xg.grad is not None and xg.grad.shape == xg.shape

@@ -125,6 +125,16 @@ def run(op: str, device_type: str, *args):
     return select(op, device_type, args)[1](*args)
 
 
+def plan(op: str, device_type: str, args: tuple) -> Callable | None:
+    """A prepared ``x -> op(x, *args[1:])`` for repeated eager calls that differ only in ``x``'s
+    values and leading dimensions, from the selected backend's ``plan_<op>`` (None if it has
+    none or declines). The caller re-plans whenever anything else may have changed."""
+    backend, _ = select(op, device_type, args)
+    mod = _backend_module(backend, device_type)
+    maker = None if mod is None else getattr(mod, f"plan_{op}", None)
+    return None if maker is None else maker(*args)
+
+
 def availability(device_type: str) -> dict[str, list[str]]:
     """For each op, the backends that have a kernel for it on ``device_type`` (any shape)."""
     out: dict[str, list[str]] = {}

@@ -158,6 +158,16 @@ def int4_matmul(
     return call.result()
 
 
+def plan_int4_matmul(x, qweight, scales, zeros, group_size, bias=None):
+    """``x -> int4_matmul(x, ...)`` straight to the 4-bit kernels on the cached layout (for
+    lowbit.Linear's eager calls; the arguments have been validated by a full call), or None
+    where another kernel would run."""
+    if not _int4_fast(x, qweight, group_size):
+        return None
+    packed = w4_layout.packed_int4(qweight, scales, zeros, group_size, x.dtype)
+    return lambda x2: _w4_matmul(x2, packed, bias)
+
+
 # ---- nf4 ----------------------------------------------------------------------------------
 
 
@@ -195,3 +205,11 @@ def nf4_matmul(
     packed = w4_layout.packed_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, shape,
                                   x.dtype, check=validate)
     return _w4_matmul(x, packed, bias)
+
+
+def plan_nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize, out_features,
+                    bias=None):
+    """As :func:`plan_int4_matmul`, for nf4 (the selection already checked the layout fits)."""
+    packed = w4_layout.packed_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize,
+                                  (out_features, x.shape[-1]), x.dtype)
+    return lambda x2: _w4_matmul(x2, packed, bias)

@@ -103,6 +103,11 @@ class Layout(ABC):
     def matmul(self, m: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T (+ bias)`` through the format's op, reading the buffers of module ``m``."""
 
+    def op_args(self, m: Any, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, tuple] | None:
+        """The op and its arguments for ``matmul`` where a backend may prepare repeated calls
+        (:func:`lowbit.backends.plan`); None for formats without such kernels."""
+        return None
+
 
 class Int4Layout(Layout):
     name = "int4"
@@ -148,7 +153,10 @@ class Int4Layout(Layout):
         return {"group_size": m.group_size}
 
     def matmul(self, m, x, bias):
-        return ops.int4_matmul(x, m.qweight, m.scales, m.zeros, m.group_size, bias)
+        return ops.int4_matmul(*self.op_args(m, x, bias)[1])
+
+    def op_args(self, m, x, bias):
+        return "int4_matmul", (x, m.qweight, m.scales, m.zeros, m.group_size, bias)
 
 
 class NF4Layout(Layout):
@@ -200,10 +208,11 @@ class NF4Layout(Layout):
         }
 
     def matmul(self, m, x, bias):
-        return ops.nf4_matmul(
-            x, m.qweight, m.absmax, m.absmax_scale, m.absmax_code, m.absmax_offset, m.blocksize,
-            m.out_features, bias,
-        )
+        return ops.nf4_matmul(*self.op_args(m, x, bias)[1])
+
+    def op_args(self, m, x, bias):
+        return "nf4_matmul", (x, m.qweight, m.absmax, m.absmax_scale, m.absmax_code, m.absmax_offset, m.blocksize,
+                              m.out_features, bias)
 
 
 class TernaryLayout(Layout):

@@ -21,16 +21,82 @@ Decisions:
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import backends
 from .._checks import FLOAT_DTYPES, check_linear_input, check_positive_int, check_same_device
 from ._layouts import Layout, get_layout, layout_of_weight
 
 _FN = "lowbit.Linear"
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def _plain_eager(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True if a call needs nothing from torch's dispatcher: a plain tensor, no gradient
+    wanted, no torch.compile, tracing or fake-tensor mode watching."""
+    if x.__class__ is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._get_dispatch_mode(_FAKE) is not None:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+class _Plan:
+    """A backend's prepared call for one layer (:func:`lowbit.backends.plan`), valid while the
+    layer's tensors are the same objects at the same versions, its format attributes and the
+    backend choice are unchanged, and ``x`` has the device, dtype and width it was made for."""
+
+    __slots__ = ("run", "device", "dtype", "k", "env", "attrs", "refs", "versions")
+
+    def __init__(self, run: Callable | None, m: Linear, x: torch.Tensor) -> None:
+        self.run = run
+        self.device, self.dtype, self.k = x.device, x.dtype, x.shape[-1]
+        self.env = os.environ.get(backends.ENV_VAR)
+        self.attrs = _attrs(m)
+        tensors = _tensors(m)
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self.versions = tuple(_version(t) for t in tensors)
+
+    def fits(self, m: Linear, x: torch.Tensor) -> bool:
+        if x.device != self.device or x.dtype != self.dtype or x.dim() == 0 or x.shape[-1] != self.k:
+            return False
+        if os.environ.get(backends.ENV_VAR) != self.env or _attrs(m) != self.attrs:
+            return False
+        for t, r, v in zip(_tensors(m), self.refs, self.versions):
+            if t is None:
+                if r is not None:
+                    return False
+            elif r is None or r() is not t or _version(t) != v:
+                return False
+        return True
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter (and cannot change here)
+        return None
+
+
+def _tensors(m: Linear) -> list[torch.Tensor | None]:
+    b = m._buffers
+    return [b[n] for n in m._tensor_names] + [m._parameters["bias"]]
+
+
+def _attrs(m: Linear) -> tuple:
+    return tuple(getattr(m, k) for k in m._layout.attribute_defaults)
+
+
+# module -> its _Plan (weak keys: copies and pickles of a module carry no plan)
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Linear(nn.Module):
@@ -149,9 +215,26 @@ class Linear(nn.Module):
     # ---- use ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in_features]`` (float16/bfloat16/float32) -> ``[..., out_features]`` in ``x.dtype``."""
+        """``x [..., in_features]`` (float16/bfloat16/float32) -> ``[..., out_features]`` in ``x.dtype``.
+
+        Plain eager calls (no autograd, torch.compile or tracing) reuse what the backend
+        prepared at the first such call (the 4-bit CUDA kernels: the cached layout, straight to
+        the kernel), skipping the op's checks and backend selection, which cost more than a
+        decode step's kernel; anything else takes the op."""
+        plain = fits = False
+        if isinstance(x, torch.Tensor) and x.is_cuda:  # (the backends that prepare calls)
+            plain = _plain_eager(x, self.bias)
+            plan = _PLANS.get(self) if plain else None
+            fits = plan is not None and plan.fits(self, x)
+            if fits and plan.run is not None:
+                return plan.run(x)
         check_linear_input(x, self.in_features, _FN)
-        return self._layout.matmul(self, x, self.bias)
+        y = self._layout.matmul(self, x, self.bias)
+        if plain and not fits:
+            op = self._layout.op_args(self, x, self.bias)
+            if op is not None:  # (a None run is kept too: no new attempt until something changes)
+                _PLANS[self] = _Plan(backends.plan(op[0], x.device.type, op[1]), self, x)
+        return y
 
     def quantized_weight(self) -> Any:
         """The packed weight as the format's dataclass (``lowbit.formats.<fmt>.<Fmt>Weight``)."""
