@@ -434,3 +434,71 @@ def test_quantize_model_converts_bitlinear_for_ternary():
     quantize_model(model, "ternary")
     assert isinstance(model[0], Linear) and model[0].per_row
     assert rel_err(model[0](x), ref) < 1e-5
+
+
+def test_linear_eager_plan_logic(monkeypatch):
+    # lowbit.Linear's plain eager calls reuse a backend's prepared call (the 4-bit CUDA kernels
+    # make one); here the CPU backend gets a counting one, to check that the plan gives the op's
+    # result and is remade whenever what it was made from changes.
+    from lowbit.backends import cpu as cpu_be
+    from lowbit.nn import linear as lin
+
+    used = []
+
+    def plan_int4_matmul(x, qweight, scales, zeros, group_size, bias=None):
+        def run(x2):
+            used.append(1)
+            return cpu_be.int4_matmul(x2, qweight, scales, zeros, group_size, bias)
+
+        return run
+
+    monkeypatch.setattr(lin, "_PLAN_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(cpu_be, "plan_int4_matmul", plan_int4_matmul, raising=False)
+    torch.manual_seed(1)
+    layer = lowbit.Linear.from_linear(torch.nn.Linear(256, 96), "int4", group_size=64)
+    x = torch.randn(5, 256)
+
+    def op(x):  # the op path (checks, backend selection)
+        return layer._layout.matmul(layer, x, layer.bias)
+
+    def planned(x):
+        n = len(used)
+        y = layer(x)
+        return y, len(used) > n
+
+    with torch.no_grad():
+        y0, hit = planned(x)
+        assert not hit and lin._PLANS[layer].run is not None
+        y1, hit = planned(x)
+        assert hit and torch.equal(y1, y0) and torch.equal(y0, op(x))
+        y2, hit = planned(x[:2])
+        assert hit and torch.equal(y2, op(x[:2]))
+        other = lowbit.Linear.from_linear(torch.nn.Linear(256, 96), "int4", group_size=64)
+        layer.load_state_dict(other.state_dict())  # in place: new versions
+        y3, hit = planned(x)
+        assert not hit and torch.equal(y3, op(x)) and torch.equal(y3, other(x))
+        layer.bias = torch.nn.Parameter(torch.randn(96))  # a new object
+        y4, hit = planned(x)
+        assert not hit and torch.equal(y4, op(x))
+        assert planned(x)[1]
+        layer.bias = None
+        y5, hit = planned(x)
+        assert not hit and torch.equal(y5, op(x))
+        layer.scales.mul_(2)  # in place on a buffer
+        y6, hit = planned(x)
+        assert not hit and torch.equal(y6, op(x))
+        xb = x.to(torch.bfloat16)
+        y7, hit = planned(xb)  # another dtype
+        assert not hit and y7.dtype == torch.bfloat16 and torch.equal(y7, op(xb))
+        monkeypatch.setenv("LOWBIT_BACKEND", "reference")  # another backend choice
+        y8, hit = planned(xb)
+        assert not hit
+        monkeypatch.delenv("LOWBIT_BACKEND")
+        with pytest.raises(ValueError, match="in_features"):
+            layer(torch.randn(2, 128))
+    layer.bias = torch.nn.Parameter(torch.zeros(96))
+    xg = x.clone().requires_grad_()  # autograd wanted: the op path
+    y9, hit = planned(xg)
+    assert not hit and y9.requires_grad
+    y9.sum().backward()
+    assert xg.grad is not None and layer.bias.grad is not None

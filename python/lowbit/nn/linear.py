@@ -97,6 +97,9 @@ def _attrs(m: Linear) -> tuple:
 
 # module -> its _Plan (weak keys: copies and pickles of a module carry no plan)
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# device types whose backends prepare calls (the 4-bit CUDA kernels); elsewhere forward pays
+# nothing for the plans
+_PLAN_DEVICES = frozenset({"cuda"})
 
 
 class Linear(nn.Module):
@@ -222,7 +225,7 @@ class Linear(nn.Module):
         the kernel), skipping the op's checks and backend selection, which cost more than a
         decode step's kernel; anything else takes the op."""
         plain = fits = False
-        if isinstance(x, torch.Tensor) and x.is_cuda:  # (the backends that prepare calls)
+        if isinstance(x, torch.Tensor) and x.device.type in _PLAN_DEVICES:
             plain = _plain_eager(x, self.bias)
             plan = _PLANS.get(self) if plain else None
             fits = plan is not None and plan.fits(self, x)
