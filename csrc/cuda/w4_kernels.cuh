@@ -806,7 +806,7 @@ struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
   static constexpr int kRT = 8 * R;  // row tiles a block
   static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
-  static constexpr int kBars = 128;                                  // full[P], empty[P]
+  static constexpr int kBars = 256;                                  // full[P], empty[P]
   static constexpr int kRingW = P * kRT * 512;                       // weights: [P][row tile][32 lanes] uint4
   static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][1 or 2 groups][8]
   static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
@@ -818,8 +818,8 @@ struct WsSmem {
 };
 
 #if defined(LOWBIT_CUDA_SM90A)
-template <int FMT, int DT, int R, int NT, int P>
-__global__ void __launch_bounds__(288, 1) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
+__global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
@@ -1172,9 +1172,9 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-template <int FMT, int DT, int R, int NT, int P>
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks>;
   using SM = WsSmem<FMT, R, NT, P>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
@@ -1280,6 +1280,12 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
       case 20: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 8, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 8, kSmemX>(p, stream);
       case 21: return p.M <= 8 ? launch_mma<FMT, DT, 8, 2, 1, 4, kSmemX>(p, stream) : launch_mma<FMT, DT, 8, 2, 2, 4, kSmemX>(p, stream);
       case 25: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX2>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX2>(p, stream);
+#ifdef LOWBIT_CUDA_SM90A
+      // the warp-specialized kernel streaming the weights by TMA (wgmma n8 / n16): 8 stages and two
+      // blocks an SM, or 12 stages
+      case 37: if (p.M <= 8 ? launch_ws<FMT, DT, 1, 1, 8, 2>(p, stream) : launch_ws<FMT, DT, 1, 2, 8, 2>(p, stream)) return; break;
+      case 38: if (p.M <= 8 ? launch_ws<FMT, DT, 1, 1, 12>(p, stream) : launch_ws<FMT, DT, 1, 2, 12>(p, stream)) return; break;
+#endif
       default: break;
     }
 #else
@@ -1329,6 +1335,7 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 33: if (launch_ws<FMT, DT, 2, 8, 6>(p, stream)) return; break;
     case 34: if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return; break;
     case 35: if (launch_ws<FMT, DT, 1, 32, 5>(p, stream)) return; break;  // int4 only (shared memory)
+    case 36: if (launch_ws<FMT, DT, 1, 16, 4, 2>(p, stream)) return; break;  // two blocks an SM
 #endif
     default: break;
   }
