@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run for the CUDA 4-bit kernels' tile candidates: a tuning build (every candidate,
 # sm_90a), the CUDA tests of the 4-bit kernels (the candidates in their own process, so that a
-# fault there costs only their results) and the sweeps (bench/cuda_w4_sweep.py): the mma.sync
-# candidates at SWEEP_M, the wgmma ones (6-8, 15-16) at SWEEP_WG_M. L2AB=1 first runs the
+# fault there costs only their results) and the sweeps (bench/cuda_w4_sweep.py): MMA_TILES
+# (default: the M <= 16 candidates) at SWEEP_M, WG_TILES (the large-M wgmma candidates) at SWEEP_WG_M. L2AB=1 first runs the
 # L2-policy A/B (bench/l2_ab.sh, CUDA only). Run from the repository root on the GPU machine;
 # logs under $OUT.
 set -u
@@ -28,7 +28,7 @@ timeout 90 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.p
 fi
 has mma && {
 timeout "${SWEEP_S:-240}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m ${SWEEP_M:-1 16 32 64 128 256} --splits \
-  --tiles 0 1 2 3 4 5 9 10 11 12 13 14 19 20 21 22 23 24 25 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep; }
+  --tiles ${MMA_TILES:-0 14 37 38} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep; }
 has wg && {
 timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-64 128 256 512 1024} --splits \
-  --tiles 6 7 8 15 16 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
+  --tiles ${WG_TILES:-0 30 32 35 36} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
