@@ -31,4 +31,4 @@ timeout "${SWEEP_S:-240}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m 
   --tiles ${MMA_TILES:-0 14 37 38} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep; }
 has wg && {
 timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-64 128 256 512 1024} --splits \
-  --tiles ${WG_TILES:-0 30 32 35 36} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
+  --tiles ${WG_TILES:-0 30 32 35 36 39 40} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }

@@ -782,6 +782,28 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// mbarrier arrive on the barrier at `bar`'s offset in cluster block `peer` (one lane: pred).
+__device__ __forceinline__ void mbar_arrive_peer_if(uint64_t* bar, uint32_t peer, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n .reg .b32 ra;\n setp.ne.u32 p, %2, 0;\n mapa.shared::cluster.u32 ra, %0, %1;\n"
+      " @p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(smem_u32(bar)),
+      "r"(peer), "r"(static_cast<uint32_t>(pred))
+      : "memory");
+}
+// A TMA box into the shared memory of every cluster block in `mask` at `dst`'s offset,
+// completing each one's barrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                                      int mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster [%0], "
+      "[%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(static_cast<uint16_t>(mask))
+      : "memory");
+}
+
 // A TMA copy of one box of a 2-D tensor map into shared memory, completing `bar` by its bytes
 // (with an L2 policy when `hint`).
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
@@ -818,7 +840,11 @@ struct WsSmem {
 };
 
 #if defined(LOWBIT_CUDA_SM90A)
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
+// MC = 2: clusters of two row blocks (grid y) of one token tile share the activation tile, each
+// loading half of it into both blocks' rings (TMA multicast): half the activation traffic from
+// L2. A stage is then refilled only when the consumers of both blocks released it (empty counts
+// both blocks' warps), and neither block exits while the other may still signal it. No K split.
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, int MC = 1>
 __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
@@ -855,7 +881,7 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
   if (tid == 0) {
     for (int s = 0; s < P; ++s) {
       mbar_init(full + s, 1);
-      mbar_init(empty + s, 8);
+      mbar_init(empty + s, 8 * MC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -866,6 +892,11 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
     }
   }
   __syncthreads();
+  uint32_t rank = 0;
+  if constexpr (MC > 1) {
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    cluster_sync();  // the peer's barriers are initialized before anything signals them
+  }
 
   if (warp == 8) {
     // Producer: stage s = i % P is refilled once the consumers released it (empty), by three
@@ -881,7 +912,12 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
         const int gi0 = static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + s)), "r"(bytes)
                      : "memory");
-        tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
+        if constexpr (MC > 1) {
+          tma_load_2d_multicast(xring + s * SM::kStageX + rank * (BM / MC) * 128, &xmap, kb * 64,
+                                tt * BM + static_cast<int>(rank) * (BM / MC), full + s, (1 << MC) - 1);
+        } else {
+          tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
+        }
         tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb * RT, full + s, pol, true);
         tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb * RT, full + s, pol, true);
       }
@@ -929,9 +965,11 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
       }
       wgmma_commit_wait<1>();  // block i-1's wgmmas are done: release its stage
       mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
+      if constexpr (MC > 1) mbar_arrive_peer_if(empty + (i + P - 1) % P, rank ^ 1u, i > 0 && lane == 0);
     }
     wgmma_commit_wait<0>();
   }
+  if constexpr (MC > 1) cluster_sync();  // no more signals from or to the peer
 #else
   (void)lane;
   __trap();
@@ -1172,9 +1210,9 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, int MC = 1>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, MC>;
   using SM = WsSmem<FMT, R, NT, P>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
@@ -1183,23 +1221,24 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
     return false;  // (nf4's table leaves no room for this many stages)
   } else {
   const KernelInfo info = kernel_info(kernel, device, 288, SM::kBytes);
-  if (!info.sm90a) return false;
+  if (!info.sm90a || (MC > 1 && !info.clusters)) return false;
   // Activations [M][K] (boxes of BM tokens x 64 k, swizzled); weights as [row tiles][nkb x 512
   // bytes] (32-bit words; boxes of RT row tiles x one k block); scales as [row tiles][groups x 8
   // entries] (boxes of the 1 or 2 groups of a k block).
   using ST = typename ScaleT<FMT>::type;
   const int sw = 8 * static_cast<int>(sizeof(ST)) / 4, sg = p.gshift == 5 ? 2 : 1;
   CUtensorMap xmap, wmap, smap;
-  if (!make_map_2d(&xmap, p.x, 2, p.K, p.M, p.x_row_stride * 2, 64, BM, true) ||
+  if (!make_map_2d(&xmap, p.x, 2, p.K, p.M, p.x_row_stride * 2, 64, BM / MC, true) ||
       !make_map_2d(&wmap, p.w, 4, int64_t{p.nkb} * 128, p.n_rt, int64_t{p.nkb} * 512, 128, SM::kRT, false) ||
       !make_map_2d(&smap, p.s, 4, int64_t{p.num_groups} * sw, p.n_rt, int64_t{p.num_groups} * sw * 4, sg * sw,
                    SM::kRT, false)) {
     return false;
   }
   const int64_t tblocks = (p.M + BM - 1) / BM;
-  const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
+  // MC: whole clusters of row blocks (the extra one reads zero-filled rows and stores nothing).
+  const int64_t rblocks = ((p.n_rt * 16 + BN - 1) / BN + MC - 1) / MC * MC;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
-  const int S = choose_split(info, tblocks * rblocks, p.nkb);
+  const int S = MC > 1 ? 1 : choose_split(info, tblocks * rblocks, p.nkb);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
   cfg.blockDim = dim3(288, 1, 1);
@@ -1208,10 +1247,10 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
   cudaLaunchAttribute attr[1];
   cfg.attrs = attr;
   cfg.numAttrs = 0;
-  if (S > 1) {
+  if (S > 1 || MC > 1) {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.y = static_cast<unsigned>(MC);
     attr[0].val.clusterDim.z = static_cast<unsigned>(S);
     cfg.numAttrs = 1;
   }
@@ -1336,6 +1375,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 34: if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return; break;
     case 35: if (launch_ws<FMT, DT, 1, 32, 5>(p, stream)) return; break;  // int4 only (shared memory)
     case 36: if (launch_ws<FMT, DT, 1, 16, 4, 2>(p, stream)) return; break;  // two blocks an SM
+    // pairs of row blocks sharing the activation tile (TMA multicast)
+    case 39: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, 2>(p, stream)) return; break;
+    case 40: if (launch_ws<FMT, DT, 1, 16, 6, 1, 2>(p, stream)) return; break;
 #endif
     default: break;
   }
