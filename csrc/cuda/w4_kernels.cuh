@@ -312,6 +312,47 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
   return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
+// Both wgmma-from-shared-memory kernels: a lane dequantizes its word of one row tile's k block
+// (word j, register q: row g + 8(q & 1), physical k 16t + 4j + 2(q >> 1)), which is 16-byte
+// chunks 2t and 2t+1 of rows g and g+8, and stores them into the warp's 16 rows `rows16` of a
+// 128-byte-swizzled fp16 tile, like the activation tile (lanes 0-7 hit 8 distinct chunks).
+template <int FMT, int DT>
+__device__ __forceinline__ void store_frags_sw128(unsigned char* rows16, uint4 w, const typename ScaleT<FMT>::type& s,
+                                                  int g, int t, const uint32_t* lut_lane) {
+  uint32_t sc[2], zc[2], a[4][4];
+  split_scales<FMT>(s, sc, zc);
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[j][q] = dequant<FMT, DT>(words[j], q, sc, zc, lut_lane);
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    unsigned char* row = rows16 + (g + 8 * rh) * 128;
+    *reinterpret_cast<uint4*>(row + (((2 * t) ^ g) << 4)) = make_uint4(a[0][rh], a[0][rh + 2], a[1][rh], a[1][rh + 2]);
+    *reinterpret_cast<uint4*>(row + (((2 * t + 1) ^ g) << 4)) = make_uint4(a[2][rh], a[2][rh + 2], a[3][rh], a[3][rh + 2]);
+  }
+}
+
+// Then the warpgroup's wgmmas of the k block: once its four warps stored their rows, R m64 tiles
+// of the weight tile `at` (8 KB apart) against the activation tile `xs`, 4 k steps; committed,
+// leaving this group in flight (the previous one is waited for).
+template <int DT, int R, int NT>
+__device__ __forceinline__ void wgmma_ss_kblock(float (&acc)[R][NT][4], const unsigned char* at,
+                                                const unsigned char* xs, int wg) {
+  fence_proxy_async();
+  warpgroup_bar(1 + wg);
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint64_t db = wgmma_desc_sw128(xs + 32 * j);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      Wgmma<8 * NT, DT == kBFloat16>::mma_ss(&acc[r][0][0], wgmma_desc_sw128(at + r * 8192 + 32 * j), db);
+  }
+  wgmma_commit_wait<1>();
+}
+
 // The epilogue of the kernels: each warp's fp32 accumulators (has_acc; row tile r of warp w is
 // tile rows (wR + r) * 16) -> shared memory [token][row], reduced over the K-split cluster when
 // S > 1, plus bias -> out.
@@ -602,44 +643,20 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     wgmma_commit_wait();
   };
 
-  // SS: lane (g, t) holds physical k 16t .. 16t+15 of rows g and g+8 of each row tile (k step
-  // j, half h: k 16t + 4j + 2h), i.e. 16-byte chunks 2t and 2t+1 of those 128-byte rows, which
-  // it stores swizzled like the activation tile (conflict free: lanes 0-7 hit 8 chunks). The
-  // warpgroup's four warps fill the 64 rows of one m64 tile per row tile index; both operands
-  // are then in physical k order. The wgmmas stay in flight into the next call (wait 1).
+  // SS: each warp stores its dequantized rows into the warpgroup's swizzled weight tile (the
+  // four warps fill the 64 rows of one m64 tile per row tile index; both operands are then in
+  // physical k order); the wgmmas stay in flight into the next call (wait 1).
   unsigned char* abuf = xring + P * SM::kStageX;  // 1024-aligned: stages are multiples of 1 KB
   auto compute_ss = [&](int slot, int buf) {
-    const int wg = warp >> 2, wl = warp & 3;
-    unsigned char* at = abuf + (buf * (W / 4) + wg) * R * 8192;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint4 w = wring[(slot * R + r) * 32];
-      uint32_t sc[2], zc[2], a[4][4];
-      split_scales<FMT>(sring[(slot * R + r) * 32], sc, zc);
-      frag(a[0], w.x, sc, zc);
-      frag(a[1], w.y, sc, zc);
-      frag(a[2], w.z, sc, zc);
-      frag(a[3], w.w, sc, zc);
-#pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        unsigned char* row = at + r * 8192 + (16 * wl + g + 8 * rh) * 128;
-        *reinterpret_cast<uint4*>(row + (((2 * t) ^ g) << 4)) = make_uint4(a[0][rh], a[0][rh + 2], a[1][rh], a[1][rh + 2]);
-        *reinterpret_cast<uint4*>(row + (((2 * t + 1) ^ g) << 4)) = make_uint4(a[2][rh], a[2][rh + 2], a[3][rh], a[3][rh + 2]);
-      }
-    }
-    fence_proxy_async();
-    warpgroup_bar(1 + wg);
-    const unsigned char* xs = xring + slot * SM::kStageX;
-    wgmma_fence();
     if constexpr (SS) {
+      const int wg = warp >> 2, wl = warp & 3;
+      unsigned char* at = abuf + (buf * (W / 4) + wg) * R * 8192;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc_sw128(xs + 32 * j);
-#pragma unroll
-        for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma_ss(&acc[r][0][0], wgmma_desc_sw128(at + r * 8192 + 32 * j), db);
-      }
+      for (int r = 0; r < R; ++r)
+        store_frags_sw128<FMT, DT>(at + r * 8192 + 16 * wl * 128, wring[(slot * R + r) * 32],
+                                   sring[(slot * R + r) * 32], g, t, lut_lane);
+      wgmma_ss_kblock<DT, R, NT>(acc, at, xring + slot * SM::kStageX, wg);
     }
-    wgmma_commit_wait<1>();
   };
 
   // Prologue: P-1 k blocks in flight (PAIRS: P-2; indices clamped to the split), the first
@@ -923,9 +940,8 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
       }
     }
   } else {
-    // Consumers. Lane (g, t) holds physical k 16t .. 16t+15 of rows g and g+8 of each row tile
-    // (k step j, half h: k 16t + 4j + 2h): 16-byte chunks 2t and 2t+1 of those 128-byte rows,
-    // stored swizzled like the activation tile (lanes 0-7 hit 8 distinct chunks).
+    // Consumers: dequantize each k block into the warpgroup's swizzled weight tile, then its
+    // wgmmas (store_frags_sw128, wgmma_ss_kblock).
     const int wg = warp >> 2, wl = warp & 3;
     const uint32_t* lut_lane = lut + lane;
     for (int i = 0; i < nk; ++i) {
@@ -937,33 +953,10 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int rtl = warp * R + r;
-        const uint4 w = wring[(s * RT + rtl) * 32 + lane];
-        uint32_t sc[2], zc[2], a[4][4];
-        split_scales<FMT>(sring[s * RT * 16 + rtl * 8 * sgroups + gl * 8 + g], sc, zc);
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) a[j][q] = dequant<FMT, DT>(words[j], q, sc, zc, lut_lane);
-#pragma unroll
-        for (int rh = 0; rh < 2; ++rh) {
-          unsigned char* row = at + r * 8192 + (16 * wl + g + 8 * rh) * 128;
-          *reinterpret_cast<uint4*>(row + (((2 * t) ^ g) << 4)) = make_uint4(a[0][rh], a[0][rh + 2], a[1][rh], a[1][rh + 2]);
-          *reinterpret_cast<uint4*>(row + (((2 * t + 1) ^ g) << 4)) = make_uint4(a[2][rh], a[2][rh + 2], a[3][rh], a[3][rh + 2]);
-        }
+        store_frags_sw128<FMT, DT>(at + r * 8192 + 16 * wl * 128, wring[(s * RT + rtl) * 32 + lane],
+                                   sring[s * RT * 16 + rtl * 8 * sgroups + gl * 8 + g], g, t, lut_lane);
       }
-      fence_proxy_async();
-      warpgroup_bar(1 + wg);
-      const unsigned char* xs = xring + s * SM::kStageX;
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc_sw128(xs + 32 * j);
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-          Wgmma<8 * NT, DT == kBFloat16>::mma_ss(&acc[r][0][0], wgmma_desc_sw128(at + r * 8192 + 32 * j), db);
-      }
-      wgmma_commit_wait<1>();  // block i-1's wgmmas are done: release its stage
+      wgmma_ss_kblock<DT, R, NT>(acc, at, xring + s * SM::kStageX, wg);  // block i-1's are done: release it
       mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
       if constexpr (MC > 1) mbar_arrive_peer_if(empty + (i + P - 1) % P, rank ^ 1u, i > 0 && lane == 0);
     }
