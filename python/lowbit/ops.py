@@ -61,13 +61,19 @@ def _run(name: str, args: tuple) -> torch.Tensor:
 _VALIDATE = {name: getattr(_validate, name) for name in SCHEMAS}
 
 
-def _eager_ok(args: tuple) -> bool:
-    """True if a call may skip the torch dispatcher: plain tensors off the meta device, no
-    gradient wanted, and nothing (torch.compile, a tracing or dispatch mode) watching. The
-    dispatcher costs tens of microseconds a call, as much as a decode step's kernel."""
+def _unwatched() -> bool:
+    """True if nothing (torch.compile, a tracing or fake-tensor mode) watches calls: then a
+    call of plain tensors may skip torch's dispatcher."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+
+
+def _eager_ok(args: tuple) -> bool:
+    """True if a call may skip the torch dispatcher: plain tensors off the meta device, no
+    gradient wanted, and nothing watching (:func:`_unwatched`). The dispatcher costs tens of
+    microseconds a call, as much as a decode step's kernel."""
+    if not _unwatched():
         return False
     grad = torch.is_grad_enabled()
     for a in args:

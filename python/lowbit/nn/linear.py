@@ -29,20 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import backends
+from .. import backends, ops
 from .._checks import FLOAT_DTYPES, check_linear_input, check_positive_int, check_same_device
 from ._layouts import Layout, get_layout, layout_of_weight
 
 _FN = "lowbit.Linear"
-_FAKE = torch._C._TorchDispatchModeKey.FAKE
 
 
 def _plain_eager(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """True if a call needs nothing from torch's dispatcher: a plain tensor, no gradient
-    wanted, no torch.compile, tracing or fake-tensor mode watching."""
-    if x.__class__ is not torch.Tensor or torch.compiler.is_compiling():
-        return False
-    if torch._C._is_torch_function_mode_enabled() or torch._C._get_dispatch_mode(_FAKE) is not None:
+    wanted, nothing watching (:func:`lowbit.ops._unwatched`)."""
+    if x.__class__ is not torch.Tensor or not ops._unwatched():
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
