@@ -4,7 +4,8 @@ layers (validation, backend selection, argument preparation) against torch's ``F
     python bench/op_overhead.py [--device cpu] [--reps 20000]
 
 Prints medians over 7 rounds of µs per call: the validation alone, the whole ``lowbit.ops``
-call, and ``F.linear`` on the dense weight of the same shape.
+call, ``lowbit.Linear`` (on CUDA its plain eager calls reuse a prepared call: no checks, no
+backend selection) and ``F.linear`` on the dense weight of the same shape.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def main() -> None:
         "nf4": (lambda: _validate.nf4_matmul(x, *pn, 64, n, None), lambda: lowbit.ops.nf4_matmul(x, *pn, 64, n)),
         "ternary": (lambda: _validate.ternary_matmul(x, *pt, n, None), lambda: lowbit.ops.ternary_matmul(x, *pt, n)),
     }
+    dense = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    layers = {
+        fmt: lowbit.Linear.from_linear(dense, fmt, **opts).to(device=dev, dtype=dt)
+        for fmt, opts in (("int4", {"group_size": 64}), ("nf4", {"blocksize": 64}), ("ternary", {}))
+    }
     with torch.inference_mode():
         base = _median_us(lambda: F.linear(x, wd), a.reps)
         sync()
@@ -66,8 +74,11 @@ def main() -> None:
         for name, (val, call) in cases.items():
             v = _median_us(val, a.reps)
             c = _median_us(call, a.reps)
+            layer = layers[name]
+            li = _median_us(lambda: layer(x), a.reps)
             sync()
-            print(f"  {name:8s} validation {v:5.1f} µs   lowbit.ops call {c:6.1f} µs   ({c / base:.2f}x F.linear)")
+            print(f"  {name:8s} validation {v:5.1f} µs   lowbit.ops call {c:6.1f} µs ({c / base:.2f}x F.linear)   "
+                  f"lowbit.Linear {li:6.1f} µs ({li / base:.2f}x)")
 
 
 if __name__ == "__main__":
