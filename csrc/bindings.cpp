@@ -338,6 +338,24 @@ PYBIND11_MODULE(_C, m) {
         "act_dtype"_a, "packed_w_ptr"_a, "packed_s_ptr"_a, "out_ptr"_a, "N"_a, "K"_a, "n_pad"_a, "k_pad"_a,
         "group_size"_a, "num_groups"_a, "stream"_a,
         "out[N, K] (contiguous, act_dtype) = the dense weight of a 4-bit weight in the CUDA layout.");
+  py::class_<lowbit::cuda::W4Plan>(m, "W4Plan",
+                                   "w4_matmul_cuda with the weight side bound once, for repeated calls from one layer:\n"
+                                   "W4Plan(fmt, act_dtype, packed_w_ptr, packed_s_ptr, bias_ptr, bias_dtype, N, K, n_pad,\n"
+                                   "k_pad, group_size, num_groups); then plan(x_ptr, x_row_stride, M, out_ptr, stream)\n"
+                                   "(positional) runs out = x @ W^T (+ bias). The caller keeps the weight tensors alive.")
+      .def(py::init([](int fmt, int act_dtype, uintptr_t packed_w_ptr, uintptr_t packed_s_ptr, uintptr_t bias_ptr,
+                       int bias_dtype, int64_t N, int64_t K, int64_t n_pad, int64_t k_pad, int64_t group_size,
+                       int64_t num_groups) {
+             lowbit::W4Args a = lowbit::make_w4_args(fmt, act_dtype, packed_w_ptr, packed_s_ptr, 0, N, K, n_pad, k_pad,
+                                                     group_size, num_groups);
+             a.bias = reinterpret_cast<const void*>(bias_ptr);
+             a.bias_dtype = bias_dtype;
+             return lowbit::cuda::W4Plan(a);
+           }),
+           "fmt"_a, "act_dtype"_a, "packed_w_ptr"_a, "packed_s_ptr"_a, "bias_ptr"_a, "bias_dtype"_a, "N"_a, "K"_a,
+           "n_pad"_a, "k_pad"_a, "group_size"_a, "num_groups"_a)
+      .def("__call__", &lowbit::cuda::W4Plan::operator(), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("device", &lowbit::cuda::W4Plan::device);
   m.def("w4_fused_large_m_cuda", &lowbit::cuda::w4_fused_large_m, "device"_a,
         "True if w4_matmul_cuda has its large-M tensor-core kernel on this GPU (sm_90a build on Hopper).");
 #endif

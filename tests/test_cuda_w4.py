@@ -191,6 +191,16 @@ def test_raw_functions_reject_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=message):
             C.w4_matmul_cuda(**{**base, **change})
+    if torch.cuda.is_available():  # the prepared call checks each call's pointers and sizes too
+        buf = torch.zeros(4096, dtype=torch.uint8, device="cuda")
+        p = buf.data_ptr()
+        plan = C.W4Plan(0, 1, p, p, 0, 1, 16, 64, 16, 64, 32, 2)
+        for args, message in [((p, 68, 1, p, 0), "x_row_stride"), ((p + 2, 64, 1, p, 0), "x_ptr"),
+                              ((p, 64, 0, p, 0), "M=0"), ((1024, 64, 1, p, 0), "x_ptr is not CUDA device memory")]:
+            with pytest.raises(ValueError, match=message):
+                plan(*args)
+        with pytest.raises(ValueError, match="packed_w_ptr is not CUDA device memory"):
+            C.W4Plan(0, 1, 1024, p, 0, 1, 16, 64, 16, 64, 32, 2)
     with pytest.raises(ValueError, match="out_ptr"):
         C.w4_dequant_cuda(fmt=0, act_dtype=1, packed_w_ptr=1024, packed_s_ptr=1024, out_ptr=1026, N=16, K=64,
                           n_pad=16, k_pad=64, group_size=32, num_groups=2, stream=0)
@@ -424,6 +434,7 @@ def test_linear_uses_the_cached_layout_and_round_trips_state_dict(fmt, opts):
 def test_linear_eager_plan_follows_every_change(fmt, opts):
     # Plain eager calls of lowbit.Linear reuse a prepared call (lowbit.nn.linear._Plan): it must
     # give the op's result, bit for bit, and be remade whenever what it was made from changes.
+    from lowbit.backends import cuda as cuda_backend
     from lowbit.nn import linear as lin
 
     torch.manual_seed(1)
@@ -438,6 +449,13 @@ def test_linear_eager_plan_follows_every_change(fmt, opts):
         assert lin._PLANS[layer].run is not None
         assert torch.equal(layer(x), y0) and torch.equal(y0, op(x))
         assert torch.equal(layer(x[:1]), op(x[:1]))  # another M, same plan
+        # the plan's own checks of x: leading dimensions, row strides, empty, dense-path rows
+        x3 = torch.randn(2, 3, 512, dtype=torch.float16, device="cuda")
+        wide = torch.randn(4, 520, dtype=torch.float16, device="cuda")
+        for xi in (x3, x3.transpose(0, 1), wide[:, :512], wide[:, 1:513], x[:0], x.T.contiguous().T):
+            assert torch.equal(layer(xi), op(xi)), (xi.shape, xi.stride())
+        big = torch.randn(cuda_backend.dense_min_m(x.device), 512, dtype=torch.float16, device="cuda")
+        assert torch.equal(layer(big), op(big))
         other = lowbit.Linear.from_linear(torch.nn.Linear(512, 300).to("cuda", torch.float16), fmt, **opts)
         layer.load_state_dict(other.state_dict())  # copies in place: new versions
         assert torch.equal(layer(x), other(x))

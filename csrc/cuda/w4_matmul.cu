@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "../common/w4_matmul.h"
 #include "cuda_kernels.h"
@@ -13,25 +14,30 @@ namespace lowbit {
 namespace cuda {
 namespace {
 
-// Every pointer on one GPU; returns it.
-int common_device(const W4Args& a, const char* fn, bool dequant) {
-  const struct {
-    const void* p;
-    const char* name;
-  } ptrs[] = {{a.packed_w, "packed_w_ptr"}, {a.packed_s, "packed_s_ptr"}, {a.out, "out_ptr"},
-              {dequant ? nullptr : a.x, "x_ptr"}, {dequant ? nullptr : a.bias, "bias_ptr"}};
-  int device = -1;
-  const char* first = nullptr;
+struct NamedPtr {
+  const void* p;
+  const char* name;
+};
+
+// The GPU of every non-null pointer in `ptrs` (they must share one); `device` >= 0 is the one
+// they must be on, named `where` in the error.
+int common_device(std::initializer_list<NamedPtr> ptrs, const char* fn, int device = -1, const char* where = nullptr) {
   for (const auto& q : ptrs) {
     if (q.p == nullptr) continue;
     const int d = pointer_device(q.p, fn, q.name);
     if (device < 0) {
       device = d;
-      first = q.name;
+      where = q.name;
     }
-    LOWBIT_CHECK(d == device, fn, ": ", q.name, " is on cuda:", d, " but ", first, " is on cuda:", device);
+    LOWBIT_CHECK(d == device, fn, ": ", q.name, " is on cuda:", d, " but ", where, " is on cuda:", device);
   }
   return device;
+}
+
+int common_device(const W4Args& a, const char* fn, bool dequant) {
+  return common_device({{a.packed_w, "packed_w_ptr"}, {a.packed_s, "packed_s_ptr"}, {a.out, "out_ptr"},
+                        {dequant ? nullptr : a.x, "x_ptr"}, {dequant ? nullptr : a.bias, "bias_ptr"}},
+                       fn);
 }
 
 template <bool Dequant>
@@ -58,6 +64,24 @@ void w4_dequant(const W4Args& a, uintptr_t stream) {
   constexpr const char* fn = "w4_dequant_cuda";
   DeviceGuard guard(common_device(a, fn, true), fn);
   dispatch<true>(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+W4Plan::W4Plan(const W4Args& weights) : args_(weights) {
+  device_ = common_device({{args_.packed_w, "packed_w_ptr"}, {args_.packed_s, "packed_s_ptr"}, {args_.bias, "bias_ptr"}},
+                          "W4Plan");
+}
+
+void W4Plan::operator()(uintptr_t x_ptr, int64_t x_row_stride, int64_t M, uintptr_t out_ptr, uintptr_t stream) const {
+  constexpr const char* fn = "W4Plan";
+  W4Args a = args_;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_row_stride = x_row_stride;
+  a.M = M;
+  a.out = reinterpret_cast<void*>(out_ptr);
+  check_w4_args(fn, a, false);
+  common_device({{a.x, "x_ptr"}, {a.out, "out_ptr"}}, fn, device_, "the weight");
+  DeviceGuard guard(device_, fn);
+  dispatch<false>(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
 bool w4_fused_large_m(int device) {

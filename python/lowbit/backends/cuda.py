@@ -22,6 +22,7 @@ graphs need anyway).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -131,6 +132,36 @@ def supports_int4_matmul(x, qweight, scales, zeros, group_size, bias=None) -> bo
     return int4_supported("cuda", x, qweight, scales, zeros, bias)
 
 
+def _w4_plan(x: torch.Tensor, packed: w4_layout.PackedW4, bias: torch.Tensor | None) -> Callable:
+    """``x2 -> _w4_matmul(x2, packed, bias)`` for activations like ``x`` (device, dtype, K:
+    :class:`lowbit.nn.Linear`'s plans check those): the weight side bound once in a native
+    ``W4Plan``, so a call costs an output allocation and one positional native call. Rows the
+    fused kernel does not take (the dense path; as ``dense_min_m`` says when the plan is made),
+    empty inputs and unaligned views go through :func:`_w4_matmul`."""
+    b = None if bias is None else bias.contiguous()
+    kernel = _native.C.W4Plan(
+        packed.fmt, DTYPE_CODES[x.dtype], packed.packed_w.data_ptr(), packed.packed_s.data_ptr(),
+        0 if b is None else b.data_ptr(), DTYPE_CODES[x.dtype] if b is None else DTYPE_CODES[b.dtype],
+        packed.n, packed.k, packed.n_pad, packed.k_pad, packed.group_size, packed.num_groups,
+    )
+    n, k, dtype, device = packed.n, packed.k, x.dtype, x.device
+    dense_m = dense_min_m(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _raw_stream if _raw_stream is not None else (lambda i: torch.cuda.current_stream(i).cuda_stream)
+    empty = torch.empty
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)
+        m, (rs, cs) = x2.shape[0], x2.stride()
+        if not 0 < m < dense_m or cs != 1 or x2.data_ptr() % 16 or (m > 1 and (rs < k or rs % 8)):
+            return _w4_matmul(x, packed, b)  # (keeps `packed` and `b`, whose pointers `kernel` holds, alive)
+        out = empty((m, n), dtype=dtype, device=device)
+        kernel(x2.data_ptr(), rs if m > 1 else k, m, out.data_ptr(), stream(index))
+        return out if x2 is x else out.view(*x.shape[:-1], n)
+
+    return run
+
+
 def _int4_fast(x, qweight, group_size) -> bool:
     return _W4 and x.dtype in _HALF and w4_layout.layout_supports(qweight.shape[1] * 2, group_size)
 
@@ -164,8 +195,7 @@ def plan_int4_matmul(x, qweight, scales, zeros, group_size, bias=None):
     where another kernel would run."""
     if not _int4_fast(x, qweight, group_size):
         return None
-    packed = w4_layout.packed_int4(qweight, scales, zeros, group_size, x.dtype)
-    return lambda x2: _w4_matmul(x2, packed, bias)
+    return _w4_plan(x, w4_layout.packed_int4(qweight, scales, zeros, group_size, x.dtype), bias)
 
 
 # ---- nf4 ----------------------------------------------------------------------------------
@@ -212,4 +242,4 @@ def plan_nf4_matmul(x, qweight, absmax, absmax_scale, absmax_code, absmax_offset
     """As :func:`plan_int4_matmul`, for nf4 (the selection already checked the layout fits)."""
     packed = w4_layout.packed_nf4(qweight, absmax, absmax_scale, absmax_code, absmax_offset, blocksize,
                                   (out_features, x.shape[-1]), x.dtype)
-    return lambda x2: _w4_matmul(x2, packed, bias)
+    return _w4_plan(x, packed, bias)

@@ -49,29 +49,40 @@ class _Plan:
     layer's tensors are the same objects at the same versions, its format attributes and the
     backend choice are unchanged, and ``x`` has the device, dtype and width it was made for."""
 
-    __slots__ = ("run", "device", "dtype", "k", "env", "attrs", "refs", "versions")
+    __slots__ = ("run", "device", "dtype", "k", "env", "attrs", "names", "refs", "versions", "bias_ref", "bias_version")
 
     def __init__(self, run: Callable | None, m: Linear, x: torch.Tensor) -> None:
         self.run = run
-        self.device, self.dtype, self.k = x.device, x.dtype, x.shape[-1]
+        self.device, self.dtype, self.k = x.device, x.dtype, x.shape[-1:]
         self.env = os.environ.get(backends.ENV_VAR)
         self.attrs = _attrs(m)
-        tensors = _tensors(m)
+        self.names = m._tensor_names
+        tensors = [m._buffers[n] for n in self.names]
         self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
         self.versions = tuple(_version(t) for t in tensors)
+        bias = m._parameters["bias"]
+        self.bias_ref = None if bias is None else weakref.ref(bias)
+        self.bias_version = _version(bias)
 
     def fits(self, m: Linear, x: torch.Tensor) -> bool:
-        if x.device != self.device or x.dtype != self.dtype or x.dim() == 0 or x.shape[-1] != self.k:
+        # (called on every plain eager forward: a few microseconds, so no helper calls or
+        # temporaries where a direct comparison does)
+        if x.device != self.device or x.dtype != self.dtype or x.shape[-1:] != self.k:
             return False
-        if os.environ.get(backends.ENV_VAR) != self.env or _attrs(m) != self.attrs:
+        if os.environ.get(backends.ENV_VAR) != self.env or (self.attrs and _attrs(m) != self.attrs):
             return False
-        for t, r, v in zip(_tensors(m), self.refs, self.versions):
+        buffers = m._buffers
+        for name, r, v in zip(self.names, self.refs, self.versions):
+            t = buffers[name]
             if t is None:
                 if r is not None:
                     return False
             elif r is None or r() is not t or _version(t) != v:
                 return False
-        return True
+        bias = m._parameters["bias"]
+        if bias is None:
+            return self.bias_ref is None
+        return self.bias_ref is not None and self.bias_ref() is bias and _version(bias) == self.bias_version
 
 
 def _version(t: torch.Tensor | None) -> int | None:
@@ -81,11 +92,6 @@ def _version(t: torch.Tensor | None) -> int | None:
         return t._version
     except RuntimeError:  # an inference tensor: no version counter (and cannot change here)
         return None
-
-
-def _tensors(m: Linear) -> list[torch.Tensor | None]:
-    b = m._buffers
-    return [b[n] for n in m._tensor_names] + [m._parameters["bias"]]
 
 
 def _attrs(m: Linear) -> tuple:
