@@ -28,7 +28,13 @@ import torch
 
 from .. import _native, _validate
 from . import w4_layout
-from .native_args import DTYPE_CODES, NATIVE_DTYPES, int4_supported, prepare_int4, rows_with_unit_stride
+from .native_args import (
+    DTYPE_CODES,
+    NATIVE_DTYPES,
+    int4_supported,
+    prepare_int4,
+    rows_with_unit_stride,
+)
 
 if not _native.has("int4_matmul_cuda"):
     reason = _native.load_error() or "this build of lowbit._C has no CUDA kernels (built without nvcc?)"
