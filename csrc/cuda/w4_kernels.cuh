@@ -1371,6 +1371,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     // pairs of row blocks sharing the activation tile (TMA multicast)
     case 39: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, 2>(p, stream)) return; break;
     case 40: if (launch_ws<FMT, DT, 1, 16, 6, 1, 2>(p, stream)) return; break;
+    // 64-token blocks of 128 rows, two blocks an SM (two consumer chains an SM at M 33-64)
+    case 41: if (launch_ws<FMT, DT, 1, 8, 6, 2>(p, stream)) return; break;
+    case 42: if (launch_ws<FMT, DT, 1, 8, 4, 2>(p, stream)) return; break;
 #endif
     default: break;
   }
