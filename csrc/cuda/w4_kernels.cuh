@@ -187,6 +187,19 @@ __device__ __forceinline__ void split_scales(const typename ScaleT<FMT>::type& s
 }
 
 // Register i (= rh + 2h) of the A fragment held in `word`: two weights of row g + 8rh.
+// The nf4 code-pair table: entry e (a byte of two codes) = (code[e & 15], code[e >> 4]) in the
+// activation dtype, 32 copies (one a bank: lane l reads copy l, conflict-free). 16-byte stores,
+// a quarter of the store instructions of a word-by-word fill (blocks of short K splits build it
+// for only a few k blocks of work). `lut` 16-byte aligned.
+template <int DT>
+__device__ __forceinline__ void fill_nf4_lut(uint32_t* lut, int tid, int threads) {
+  for (int i = tid; i < 256 * 8; i += threads) {
+    const int e = i >> 3;
+    const uint32_t v = Act<DT>::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+}
+
 template <int FMT, int DT>
 __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t (&sc)[2], const uint32_t (&zc)[2],
                                             const uint32_t* lut_lane) {
@@ -664,10 +677,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
 #pragma unroll
   for (int s = 0; s < (PAIRS || SS ? P - 2 : P - 1); ++s) issue(s, min(kb0 + s, kb_last));
   if constexpr (FMT == kW4NF4) {
-    for (int i = tid; i < 256 * 32; i += kThr) {
-      const int e = i >> 5;
-      lut[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
-    }
+    fill_nf4_lut<DT>(lut, tid, kThr);
     __syncthreads();
   }
 
@@ -903,10 +913,7 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   if constexpr (FMT == kW4NF4) {
-    for (int i = tid; i < 256 * 32; i += 288) {
-      const int e = i >> 5;
-      lut[i] = A::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
-    }
+    fill_nf4_lut<DT>(lut, tid, 288);
   }
   __syncthreads();
   uint32_t rank = 0;
@@ -974,12 +981,9 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
 template <int FMT, int DT>
 __global__ void __launch_bounds__(256) w4_dequant_kernel(const Params p) {
   using ST = typename ScaleT<FMT>::type;
-  __shared__ uint32_t lut[FMT == kW4NF4 ? 256 * 32 : 1];
+  __shared__ __align__(16) uint32_t lut[FMT == kW4NF4 ? 256 * 32 : 4];
   if constexpr (FMT == kW4NF4) {
-    for (int i = threadIdx.x; i < 256 * 32; i += 256) {
-      const int e = i >> 5;
-      lut[i] = Act<DT>::pack(kNF4Code[e & 15], kNF4Code[e >> 4]);
-    }
+    fill_nf4_lut<DT>(lut, threadIdx.x, 256);
     __syncthreads();
   }
   const int64_t total = static_cast<int64_t>(p.n_rt) * p.nkb * 32;
