@@ -11,7 +11,9 @@ OUT=${OUT:-/tmp/lowbit-out}; mkdir -p "$OUT"
 export OUT CUDAFLAGS="${CUDAFLAGS:--DLOWBIT_W4_TUNING}"
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 SHAPES=${SHAPES:-4096x4096 14336x4096 4096x14336 28672x8192 8192x28672}
-# STEPS picks the parts (a warm machine keeps the build between calls): build test mma wg.
+# STEPS picks the parts (a warm machine keeps the build between calls): build test mma wg, and
+# (not by default) splits (every forced K split at SPLIT_M for SPLIT_FORMATS) and eager
+# (bench/op_overhead.py and bench/mlp_decode.py at EAGER_M).
 STEPS=" ${STEPS:-build test mma wg} "; has() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ "${L2AB:-0}" = 1 ]; then
   CUDA_OPS="int4 nf4" TRITON_OPS="" MS="${MS:-1 16}" timeout 270 bash bench/l2_ab.sh 2>&1 | tail -45; el "l2 a/b"
@@ -30,5 +32,11 @@ has mma && {
 timeout "${SWEEP_S:-240}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m ${SWEEP_M:-1 16 32 64 128 256} --splits \
   --tiles ${MMA_TILES:-0 14 37 38} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep; }
 has wg && {
-timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-64 128 256 512 1024} --splits \
-  --tiles ${WG_TILES:-0 30 32 35 36 39 40} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
+timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-48 64 128 256 1024} --splits \
+  --tiles ${WG_TILES:-0 32 34 41 42} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
+has splits && {
+timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats ${SPLIT_FORMATS:-int4 nf4} --m ${SPLIT_M:-1} \
+  --splits 1 2 4 8 16 --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/splits.log"; el splits; }
+has eager && {
+timeout 120 python3 bench/op_overhead.py --device cuda --reps 2000 2>&1 | tee "$OUT/op_overhead.log"
+timeout 240 python3 bench/mlp_decode.py --m ${EAGER_M:-1 16 64 256} 2>&1 | tee "$OUT/mlp_decode.log"; el eager; }
