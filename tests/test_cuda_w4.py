@@ -176,6 +176,56 @@ def test_cache_is_per_tensor_and_sees_in_place_changes():
     assert len(w4_layout._cache) == 0 or all(True for _ in w4_layout._cache)
 
 
+def test_w4_plan_passes_the_kernel_only_what_it_checked(monkeypatch):
+    # lowbit.Linear's prepared call (backends.cuda._w4_plan): the rows and row stride it hands
+    # the native W4Plan, and every input it leaves to _w4_matmul (which copies or takes the
+    # dense path). The native plan is faked and the tensors live on the CPU: no GPU needed.
+    be = pytest.importorskip("lowbit.backends.cuda")
+    launches, fallbacks = [], []
+
+    class FakePlan:
+        def __init__(self, *args):
+            self.args = args
+
+        def __call__(self, x_ptr, row_stride, m, out_ptr, stream):
+            launches.append((x_ptr, row_stride, m, stream))
+
+    def fallback(x, packed, bias):
+        fallbacks.append(x)
+        return torch.zeros(*x.shape[:-1], packed.n, dtype=x.dtype)
+
+    monkeypatch.setattr(be._native.C, "W4Plan", FakePlan, raising=False)
+    monkeypatch.setattr(be, "_w4_matmul", fallback)
+    monkeypatch.setattr(be, "dense_min_m", lambda device: 8)
+    monkeypatch.setattr(be, "_raw_stream", lambda index: 1234)
+    packed = w4_layout.PackedW4(fmt=0, packed_w=torch.zeros(2, 2, 32, 4, dtype=torch.int32),
+                                packed_s=torch.zeros(2, 2, 8, 2, 2, dtype=torch.float16), n=20, k=128,
+                                group_size=64, num_groups=2)
+    x = torch.randn(7, 128, dtype=torch.float16)
+    run = be._w4_plan(x, packed, None)
+    wide = torch.randn(4, 136, dtype=torch.float16)
+    odd = torch.randn(4, 132, dtype=torch.float16)
+    x3 = torch.randn(2, 3, 128, dtype=torch.float16)
+    # (input, (row stride, rows) the kernel gets, or None: _w4_matmul's)
+    cases = [(x, (128, 7)), (x[:1], (128, 1)), (x[0], (128, 1)), (x3, (128, 6)), (x3.transpose(0, 1), (128, 6)),
+             (wide[:, :128], (136, 4)), (odd[:, :128], None), (wide[:, 1:129], None), (x[:0], None),
+             (torch.randn(8, 128, dtype=torch.float16), None), (torch.randn(128, 4, dtype=torch.float16).T, None)]
+    for xi, expect in cases:
+        launches.clear()
+        fallbacks.clear()
+        y = run(xi)
+        assert y.shape == (*xi.shape[:-1], 20) and y.dtype == torch.float16
+        if expect is None:
+            assert not launches and len(fallbacks) == 1 and fallbacks[0] is xi, (xi.shape, xi.stride())
+        else:
+            assert not fallbacks and len(launches) == 1, (xi.shape, xi.stride())
+            ptr, row_stride, m, stream = launches[0]
+            assert (row_stride, m, stream) == (*expect, 1234)
+            assert ptr % 16 == 0
+            if xi.is_contiguous() or xi.dim() == 2:  # a view of x itself, not a copy
+                assert ptr == xi.data_ptr()
+
+
 def test_raw_functions_reject_bad_arguments():
     if not _native.has("w4_matmul_cuda"):
         pytest.skip("built without CUDA")

@@ -152,7 +152,7 @@ def _w4_plan(x: torch.Tensor, packed: w4_layout.PackedW4, bias: torch.Tensor | N
     )
     n, k, dtype, device = packed.n, packed.k, x.dtype, x.device
     dense_m = dense_min_m(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index  # (a CUDA tensor's device always names its index)
     stream = _raw_stream if _raw_stream is not None else (lambda i: torch.cuda.current_stream(i).cuda_stream)
     empty = torch.empty
 
