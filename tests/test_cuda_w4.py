@@ -351,8 +351,13 @@ def test_forced_split_k_is_exact_and_deterministic(monkeypatch, split, m):
     assert torch.equal(ys[0], ys[1])
 
 
+# The tile candidates of a -DLOWBIT_W4_TUNING build (csrc/cuda/w4_kernels.cuh, w4_launch's
+# switches); 0 is the default dispatch.
+TILE_CANDIDATES = (0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14, 19, 20, 21, 30, 31, 32, 33, 34, 35, 36, 37, 38, 41, 42)
+
+
 @cuda
-@pytest.mark.parametrize("tile", range(43))
+@pytest.mark.parametrize("tile", TILE_CANDIDATES)
 @pytest.mark.parametrize("m", [5, 12, 17, 40, 64, 130, 300])
 def test_tile_candidates_match_reference(monkeypatch, tile, m):
     # LOWBIT_CUDA_W4_TILE picks a tile candidate in builds with -DLOWBIT_W4_TUNING

@@ -20,8 +20,6 @@
 //     tile into a shared ring alongside the weights (kSmemX; one barrier a k block), and each
 //     dequantized A fragment feeds all NT token tiles. kRegX instead loads a lane's own
 //     activations into registers (no barrier): int4 at M <= 8 when K splits are short.
-//   * kWgmma (sm_90a, tuning builds): the same A fragments feed wgmma.m64n(8NT)k16, B from the
-//     shared tile in wgmma's core-matrix arrangement.
 //   * Split K (small-N shapes, to fill every SM) on Hopper reduces through distributed shared
 //     memory: the K splits of a tile form one thread block cluster; each block parks its fp32
 //     partial tile in shared memory, and after a cluster barrier each reduces 1/S of the tile
@@ -225,21 +223,15 @@ __device__ __forceinline__ uint32_t dequant(uint32_t word, int i, const uint32_t
 }
 
 // MODE kRegX: activations in registers, mma.sync; kSmemX: activation tile in shared memory,
-// mma.sync; kWgmma: the tile in wgmma's core-matrix arrangement without swizzle, one
-// wgmma.m64n(8NT)k16 a warpgroup for each row tile index and k step (sm_90a); kWgmmaSw: the same
-// with the tile in 128-byte-swizzled rows of 64 logical k (a token's row of a k block copied by
-// one warp instruction, conflict free); kSmemX2: kSmemX with one barrier per two k blocks (the
-// ring refilled a pair behind); kWgmmaSS (sm_90a): each warp stores its dequantized fragments
-// into a 128-byte-swizzled fp16 weight tile in shared memory (two buffers), and wgmma takes both
-// operands from shared memory, so a k block's wgmmas run while the next block is dequantized
-// (with A in registers ptxas serializes them: C7513).
-enum { kRegX = 0, kSmemX = 1, kWgmma = 2, kWgmmaSw = 3, kSmemX2 = 4, kWgmmaSS = 5 };
+// mma.sync. (Tiles that fed wgmma from this kernel, with the activation tile unswizzled or
+// 128-byte swizzled, the weights in registers or stored back to shared memory, and a variant
+// with one barrier per two k blocks, were measured slower and removed: bench/NOTES.md, eighth
+// and ninth sessions; the warp-specialized kernel below took over large M.)
+enum { kRegX = 0, kSmemX = 1 };
 
 // Shared memory of the kernel (dynamic): the nf4 code-pair table, then each warp's ring of P
-// k blocks (weights, scales), then (MODE != kRegX) the block's ring of P activation tiles (the
-// same size in every mode; kWgmmaSw and kWgmmaSS add room to align it to 1024 bytes), then
-// (kWgmmaSS) two fp16 weight tiles [16RW rows][64 k]; after the main loop the reduction tile
-// reuses it from offset 0.
+// k blocks (weights, scales), then (kSmemX) the block's ring of P activation tiles; after the
+// main loop the reduction tile reuses it from offset 0.
 template <int FMT, int W, int R, int NT, int P, int MODE>
 struct Smem {
   static constexpr bool XS = MODE != kRegX;
@@ -248,11 +240,10 @@ struct Smem {
   static constexpr int kRingW = W * P * R * 32 * 16;
   static constexpr int kRingS = W * P * R * 32 * static_cast<int>(sizeof(ST));
   static constexpr int kStageX = XS ? 8 * NT * 128 : 0;  // [8 NT tokens][64 halves], swizzled
-  static constexpr int kRingX = P * kStageX + (MODE == kWgmmaSw || MODE == kWgmmaSS ? 1024 : 0);
+  static constexpr int kRingX = P * kStageX;
   static constexpr int kBN = 16 * R * W;
-  static constexpr int kABuf = MODE == kWgmmaSS ? 2 * kBN * 128 : 0;
   static constexpr int kRedBytes = 8 * NT * (kBN + 4) * 4;
-  static constexpr int kMain = kLutBytes + kRingW + kRingS + kRingX + kABuf;
+  static constexpr int kMain = kLutBytes + kRingW + kRingS + kRingX;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
 };
 
@@ -265,11 +256,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint64_
 __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool full) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0) : "memory");
-}
-// 4 bytes, or 4 zero bytes when !full.
-__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool full) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(full ? 4 : 0) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, uint64_t pol) {  // N = 4 or 8
@@ -309,13 +295,6 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
-// Descriptor of a K-major B operand without swizzle: 8x8 core matrices of 8 tokens x 16 bytes,
-// the two k halves of a k16 step 128 bytes apart (leading byte offset), token groups of 8
-// 256 bytes apart (stride byte offset).
-__device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
-  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(smem));
-  return ((addr & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
-}
 // Descriptor of a K-major B operand in 128-byte-swizzled rows (one 128-byte row of 64 k per
 // token, 8-row groups 1024 bytes apart; the leading offset is unused in this mode): the k16
 // step j starts 32j bytes into the 1024-aligned atom, as the hardware applies the swizzle to
@@ -325,7 +304,7 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
   return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
-// Both wgmma-from-shared-memory kernels: a lane dequantizes its word of one row tile's k block
+// The warp-specialized kernel's consumers: a lane dequantizes its word of one row tile's k block
 // (word j, register q: row g + 8(q & 1), physical k 16t + 4j + 2(q >> 1)), which is 16-byte
 // chunks 2t and 2t+1 of rows g and g+8, and stores them into the warp's 16 rows `rows16` of a
 // 128-byte-swizzled fp16 tile, like the activation tile (lanes 0-7 hit 8 distinct chunks).
@@ -427,13 +406,8 @@ __device__ __forceinline__ void store_tile(const Params& p, unsigned char* smem_
 
 template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks>
 __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params p) {
-  constexpr bool XS = MODE != kRegX, WG = MODE == kWgmma || MODE == kWgmmaSw, SW = MODE == kWgmmaSw;
-  constexpr bool PAIRS = MODE == kSmemX2, SS = MODE == kWgmmaSS;
-  static_assert(!SS || (W % 4 == 0 && P >= 3), "whole warpgroups; the ring refills two blocks behind");
-  static_assert(!PAIRS || (P % 2 == 0 && P >= 4), "pairs of k blocks in a ring of P");
+  constexpr bool XS = MODE != kRegX;
   static_assert(P % 2 == 0 && P >= 2, "the activations alternate between two register slots");
-  static_assert(!WG || (W % 4 == 0 && NT % W == 0), "whole warpgroups; whole token groups a warp");
-  constexpr int kSwRows = 8 * NT / W;  // SW: token rows of the tile each warp copies
   using A = Act<DT>;
   using ST = typename ScaleT<FMT>::type;
   using SM = Smem<FMT, W, R, NT, P, MODE>;
@@ -457,10 +431,6 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
   uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes) + warp * P * R * 32 + lane;
   ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kRingW) + warp * P * R * 32 + lane;
   unsigned char* xring = smem_raw + SM::kLutBytes + SM::kRingW + SM::kRingS;
-  if constexpr (SW || SS) {  // the 128-byte swizzle repeats every 1024 bytes of shared address space
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(xring));
-    xring += (1024u - (a & 1023u)) & 1023u;
-  }
 
   // Row tiles past the weight (in the last block) read row tile 0: never stored.
   const uint4* wp[R];
@@ -472,26 +442,14 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     sp[r] = static_cast<const ST*>(p.s) + rt * p.num_groups * 8 + g;
   }
   // Activation rows: per token tile (registers) or per 16-byte chunk of the tile this thread
-  // copies (XS), or (WG) per 8-token group this warp copies. Tokens past M read row M-1 and
-  // are never stored.
+  // copies (XS). Tokens past M read row M-1 and are never stored.
   // XS: the tile's 64 NT chunks over 32 W threads (the last round partial when fewer).
-  constexpr int kXC = WG ? NT / W : XS ? (2 * NT + W - 1) / W : NT;
-  constexpr bool kXPartial = XS && !WG && (2 * NT) % W != 0;
+  constexpr int kXC = XS ? (2 * NT + W - 1) / W : NT;
+  constexpr bool kXPartial = XS && (2 * NT) % W != 0;
   const uint16_t* xrow[kXC];
   int xdst[kXC], xk[kXC];
 #pragma unroll
   for (int i = 0; i < kXC; ++i) {
-    if constexpr (WG) {
-      // Lane (g, t) copies token 8q + g's pairs of physical k 16t + 4j + 2h (+1) for every k
-      // step j and half h: the k16 step j of the layout's A fragments takes logical k 2t + 8h
-      // (+1) from there, and the core matrix row of token g holds logical k 8h .. 8h+7.
-      const int q = warp * kXC + i;
-      const int tok = min(tt * BM + 8 * q + g, p.M - 1);
-      xrow[i] = static_cast<const uint16_t*>(p.x) + static_cast<int64_t>(tok) * p.x_row_stride + 16 * t;
-      xdst[i] = q * 256 + g * 16 + 4 * t;
-      xk[i] = 16 * t;
-      continue;
-    }
     // XS chunk e = row (e >> 3), 16-byte column c = e & 7, stored at column c ^ (row & 7):
     // the eight lanes of a 16-byte shared load phase then hit eight distinct bank groups.
     const int e = kXPartial ? min(tid + i * kThr, 64 * NT - 1) : tid + i * kThr;  // (idle threads: never copy)
@@ -512,34 +470,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
       cp_async16(wring + (slot * R + r) * 32, wp[r] + static_cast<int64_t>(kb) * 32, pol);
       cp_async_small<sizeof(ST)>(sring + (slot * R + r) * 32, sp[r] + gi * 8, pol);
     }
-    if constexpr (SW) {
-      // Lane l copies pair l (physical k 2l, 2l+1 = 16t + 4j + 2h) of each of its warp's token
-      // rows to logical k 2t + 8h of step j: 16-byte chunk 2j + h of the row, XOR the row's low
-      // 3 bits (the 128-byte swizzle), byte 4t. Past K it is zero-filled.
-      const int pt = lane >> 3, pc = ((lane >> 1) & 3) * 2 + (lane & 1);
-      const bool full = kb * 64 + 2 * lane + 2 <= p.K;
-      unsigned char* dst = xring + slot * SM::kStageX + 4 * pt;
-#pragma unroll
-      for (int i = 0; i < kSwRows; ++i) {
-        const int q = warp * kSwRows + i;
-        // 32-bit element offsets (the host checks M x row stride < 2^31): 32-bit registers.
-        const unsigned off = static_cast<unsigned>(min(tt * BM + q, p.M - 1)) * static_cast<unsigned>(p.x_row_stride);
-        const uint16_t* src = static_cast<const uint16_t*>(p.x) + off + (full ? kb * 64 + 2 * lane : 0);
-        cp_async4_zfill(dst + q * 128 + ((pc ^ (q & 7)) << 4), src, full);
-      }
-    } else if constexpr (WG) {
-      // Past K (K a multiple of 32) a lane's pairs are zero-filled: the weights there are padding.
-#pragma unroll
-      for (int i = 0; i < kXC; ++i) {
-        const bool full = kb * 64 + xk[i] + 16 <= p.K;
-        const uint16_t* src = xrow[i] + (full ? kb * 64 : 0);
-        unsigned char* dst = xring + slot * SM::kStageX + xdst[i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) cp_async4_zfill(dst + j * NT * 256 + h * 128, src + 4 * j + 2 * h, full);
-      }
-    } else if constexpr (XS) {
+    if constexpr (XS) {
       // Past K (K a multiple of 8) a chunk is zero-filled: the weights there are padding.
 #pragma unroll
       for (int i = 0; i < kXC; ++i) {
@@ -629,122 +560,35 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
     }
   };
 
-  // WG: every A fragment of the k block first (registers a wgmma reads stay untouched until it
-  // completes), then one wgmma per row tile index and k step, then wait for them.
-  auto compute_wg = [&](int slot) {
-    uint32_t a[R][4][4];
+  // Prologue: P-1 k blocks in flight (indices clamped to the split), the first activations,
+  // then (nf4) the code-pair table.
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint4 w = wring[(slot * R + r) * 32];
-      uint32_t sc[2], zc[2];
-      split_scales<FMT>(sring[(slot * R + r) * 32], sc, zc);
-      frag(a[r][0], w.x, sc, zc);
-      frag(a[r][1], w.y, sc, zc);
-      frag(a[r][2], w.z, sc, zc);
-      frag(a[r][3], w.w, sc, zc);
-    }
-    const unsigned char* xs = xring + slot * SM::kStageX;
-    wgmma_fence();
-    if constexpr (WG) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint64_t desc = SW ? wgmma_desc_sw128(xs + 32 * j) : wgmma_desc(xs + j * NT * 256);
-#pragma unroll
-        for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma(&acc[r][0][0], a[r][j], desc);
-      }
-    }
-    wgmma_commit_wait();
-  };
-
-  // SS: each warp stores its dequantized rows into the warpgroup's swizzled weight tile (the
-  // four warps fill the 64 rows of one m64 tile per row tile index; both operands are then in
-  // physical k order); the wgmmas stay in flight into the next call (wait 1).
-  unsigned char* abuf = xring + P * SM::kStageX;  // 1024-aligned: stages are multiples of 1 KB
-  auto compute_ss = [&](int slot, int buf) {
-    if constexpr (SS) {
-      const int wg = warp >> 2, wl = warp & 3;
-      unsigned char* at = abuf + (buf * (W / 4) + wg) * R * 8192;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        store_frags_sw128<FMT, DT>(at + r * 8192 + 16 * wl * 128, wring[(slot * R + r) * 32],
-                                   sring[(slot * R + r) * 32], g, t, lut_lane);
-      wgmma_ss_kblock<DT, R, NT>(acc, at, xring + slot * SM::kStageX, wg);
-    }
-  };
-
-  // Prologue: P-1 k blocks in flight (PAIRS: P-2; indices clamped to the split), the first
-  // activations, then (nf4) the code-pair table.
-#pragma unroll
-  for (int s = 0; s < (PAIRS || SS ? P - 2 : P - 1); ++s) issue(s, min(kb0 + s, kb_last));
+  for (int s = 0; s < P - 1; ++s) issue(s, min(kb0 + s, kb_last));
   if constexpr (FMT == kW4NF4) {
     fill_nf4_lut<DT>(lut, tid, kThr);
     __syncthreads();
   }
 
   int kb = kb0;
-  if constexpr (SS) {
-    // Block kb0 + i is in ring slot i % P, its fp16 weight tile in buffer i % 2. A step waits
-    // for its copies, then a barrier (everyone's copies landed; every warpgroup's wgmmas of
-    // step i-2 completed, by the wait at the end of step i-1), refills step i-2's slot P-2
-    // blocks ahead and dequantizes while step i-1's wgmmas run.
-#pragma unroll 1
-    for (int i = 0; kb0 + i < kb1; ++i) {
-      cp_async_wait<P - 3>();
-      fence_proxy_async();
-      __syncthreads();
-      issue((i + P - 2) % P, min(kb0 + i + P - 2, kb_last));
-      compute_ss(i % P, i & 1);
-    }
-    wgmma_commit_wait<0>();
-    cp_async_wait<0>();
-  } else if constexpr (PAIRS) {
-    // Steps s, s+1 (blocks kb + s, kb + s + 1 in slots s, s+1): both blocks' copies landed,
-    // one barrier (everyone is done with the previous pair's slots), refill those two slots
-    // P-2 blocks ahead, compute both. A group is committed for every block, clamped or not,
-    // so the wait counts hold to the end of the split.
-#pragma unroll 1
-    for (; kb < kb1; kb += P) {
-#pragma unroll
-      for (int s = 0; s < P; s += 2) {
-        if (kb + s >= kb1) break;
-        cp_async_wait<P - 4>();
-        __syncthreads();
-        issue((s + P - 2) % P, min(kb + s + P - 2, kb_last));
-        issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
-        compute_xs(s);
-        if (kb + s + 1 < kb1) compute_xs(s + 1);
-      }
-    }
-    cp_async_wait<0>();  // the clamped copies past the split, before shared memory is reused
-  } else if constexpr (XS) {
+  if constexpr (XS) {
     // Block kb is in ring slot (kb - kb0) % P. Each step waits for its copies, then a barrier
     // (everyone's copies landed; everyone is done with the slot consumed one step before),
     // refills that slot P-1 blocks ahead and computes.
-    // WG: each thread fences its copies into the async proxy (wgmma's) before the barrier.
-    auto run = [&](int s) {
-      if constexpr (WG) {
-        compute_wg(s);
-      } else {
-        compute_xs(s);
-      }
-    };
 #pragma unroll 1
     for (; kb + P <= kb1; kb += P) {
 #pragma unroll
       for (int s = 0; s < P; ++s) {
         cp_async_wait<P - 2>();
-        if constexpr (WG) fence_proxy_async();
         __syncthreads();
         issue((s + P - 1) % P, min(kb + s + P - 1, kb_last));
-        run(s);
+        compute_xs(s);
       }
     }
     cp_async_wait<0>();
-    if constexpr (WG) fence_proxy_async();
     __syncthreads();
 #pragma unroll
     for (int s = 0; s < P - 1; ++s) {
-      if (kb + s < kb1) run(s);
+      if (kb + s < kb1) compute_xs(s);
     }
   } else {
     // Block kb is in ring slot (kb - kb0) % P and its activations in xr[(kb - kb0) % 2]. Each
@@ -809,28 +653,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// mbarrier arrive on the barrier at `bar`'s offset in cluster block `peer` (one lane: pred).
-__device__ __forceinline__ void mbar_arrive_peer_if(uint64_t* bar, uint32_t peer, bool pred) {
-  asm volatile(
-      "{\n .reg .pred p;\n .reg .b32 ra;\n setp.ne.u32 p, %2, 0;\n mapa.shared::cluster.u32 ra, %0, %1;\n"
-      " @p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(smem_u32(bar)),
-      "r"(peer), "r"(static_cast<uint32_t>(pred))
-      : "memory");
-}
-// A TMA box into the shared memory of every cluster block in `mask` at `dst`'s offset,
-// completing each one's barrier at `bar`'s offset.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
-                                                      int mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster [%0], "
-      "[%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(static_cast<uint16_t>(mask))
-      : "memory");
-}
-
 // A TMA copy of one box of a 2-D tensor map into shared memory, completing `bar` by its bytes
 // (with an L2 policy when `hint`).
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
@@ -867,11 +689,9 @@ struct WsSmem {
 };
 
 #if defined(LOWBIT_CUDA_SM90A)
-// MC = 2: clusters of two row blocks (grid y) of one token tile share the activation tile, each
-// loading half of it into both blocks' rings (TMA multicast): half the activation traffic from
-// L2. A stage is then refilled only when the consumers of both blocks released it (empty counts
-// both blocks' warps), and neither block exits while the other may still signal it. No K split.
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, int MC = 1>
+// (Pairs of row blocks sharing the activation tile by TMA multicast in 2-block clusters were
+// measured 1.5-2.5x slower and removed: bench/NOTES.md, tenth session.)
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
 __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
@@ -908,7 +728,7 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
   if (tid == 0) {
     for (int s = 0; s < P; ++s) {
       mbar_init(full + s, 1);
-      mbar_init(empty + s, 8 * MC);
+      mbar_init(empty + s, 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -916,11 +736,6 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
     fill_nf4_lut<DT>(lut, tid, 288);
   }
   __syncthreads();
-  uint32_t rank = 0;
-  if constexpr (MC > 1) {
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    cluster_sync();  // the peer's barriers are initialized before anything signals them
-  }
 
   if (warp == 8) {
     // Producer: stage s = i % P is refilled once the consumers released it (empty), by three
@@ -936,12 +751,7 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
         const int gi0 = static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + s)), "r"(bytes)
                      : "memory");
-        if constexpr (MC > 1) {
-          tma_load_2d_multicast(xring + s * SM::kStageX + rank * (BM / MC) * 128, &xmap, kb * 64,
-                                tt * BM + static_cast<int>(rank) * (BM / MC), full + s, (1 << MC) - 1);
-        } else {
-          tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
-        }
+        tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
         tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb * RT, full + s, pol, true);
         tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb * RT, full + s, pol, true);
       }
@@ -965,11 +775,9 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
       }
       wgmma_ss_kblock<DT, R, NT>(acc, at, xring + s * SM::kStageX, wg);  // block i-1's are done: release it
       mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
-      if constexpr (MC > 1) mbar_arrive_peer_if(empty + (i + P - 1) % P, rank ^ 1u, i > 0 && lane == 0);
     }
     wgmma_commit_wait<0>();
   }
-  if constexpr (MC > 1) cluster_sync();  // no more signals from or to the peer
 #else
   (void)lane;
   __trap();
@@ -1147,10 +955,6 @@ void launch_mma(const Params& p, cudaStream_t stream) {
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
   constexpr int smem = Smem<FMT, W, R, NT, P, MODE>::kBytes;
   const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
-  LOWBIT_CHECK((MODE != kWgmma && MODE != kWgmmaSw && MODE != kWgmmaSS) || info.sm90a,
-               "w4_matmul_cuda: the wgmma kernel needs an sm_90a binary on an sm_90 GPU");
-  LOWBIT_CHECK(MODE != kWgmmaSw || static_cast<int64_t>(p.M) * p.x_row_stride < (int64_t{1} << 31),
-               "w4_matmul_cuda: this tile takes activations of fewer than 2^31 elements");
   const int64_t tblocks = (p.M + BM - 1) / BM;
   const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
@@ -1207,9 +1011,9 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, int MC = 1>
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, MC>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks>;
   using SM = WsSmem<FMT, R, NT, P>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
@@ -1218,24 +1022,23 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
     return false;  // (nf4's table leaves no room for this many stages)
   } else {
   const KernelInfo info = kernel_info(kernel, device, 288, SM::kBytes);
-  if (!info.sm90a || (MC > 1 && !info.clusters)) return false;
+  if (!info.sm90a) return false;
   // Activations [M][K] (boxes of BM tokens x 64 k, swizzled); weights as [row tiles][nkb x 512
   // bytes] (32-bit words; boxes of RT row tiles x one k block); scales as [row tiles][groups x 8
   // entries] (boxes of the 1 or 2 groups of a k block).
   using ST = typename ScaleT<FMT>::type;
   const int sw = 8 * static_cast<int>(sizeof(ST)) / 4, sg = p.gshift == 5 ? 2 : 1;
   CUtensorMap xmap, wmap, smap;
-  if (!make_map_2d(&xmap, p.x, 2, p.K, p.M, p.x_row_stride * 2, 64, BM / MC, true) ||
+  if (!make_map_2d(&xmap, p.x, 2, p.K, p.M, p.x_row_stride * 2, 64, BM, true) ||
       !make_map_2d(&wmap, p.w, 4, int64_t{p.nkb} * 128, p.n_rt, int64_t{p.nkb} * 512, 128, SM::kRT, false) ||
       !make_map_2d(&smap, p.s, 4, int64_t{p.num_groups} * sw, p.n_rt, int64_t{p.num_groups} * sw * 4, sg * sw,
                    SM::kRT, false)) {
     return false;
   }
   const int64_t tblocks = (p.M + BM - 1) / BM;
-  // MC: whole clusters of row blocks (the extra one reads zero-filled rows and stores nothing).
-  const int64_t rblocks = ((p.n_rt * 16 + BN - 1) / BN + MC - 1) / MC * MC;
+  const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
-  const int S = MC > 1 ? 1 : choose_split(info, tblocks * rblocks, p.nkb);
+  const int S = choose_split(info, tblocks * rblocks, p.nkb);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
   cfg.blockDim = dim3(288, 1, 1);
@@ -1244,10 +1047,10 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
   cudaLaunchAttribute attr[1];
   cfg.attrs = attr;
   cfg.numAttrs = 0;
-  if (S > 1 || MC > 1) {
+  if (S > 1) {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = static_cast<unsigned>(MC);
+    attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = static_cast<unsigned>(S);
     cfg.numAttrs = 1;
   }
@@ -1258,16 +1061,6 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
 #endif
 
 }  // namespace
-
-// True if the wgmma variant can run here (an sm_90 GPU loaded this build's sm_90a binary).
-template <int FMT, int DT, int W, int R, int NT, int P, int MODE>
-bool wgmma_ok() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
-  return kernel_info(w4_mma_kernel<FMT, DT, W, R, NT, P, MODE, 0>, device, 32 * W,
-                     Smem<FMT, W, R, NT, P, MODE>::kBytes)
-      .sm90a;
-}
 
 template <int FMT, int DT>
 bool w4_ws_ready() {
@@ -1315,7 +1108,6 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
       case 19: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX>(p, stream);
       case 20: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 8, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 8, kSmemX>(p, stream);
       case 21: return p.M <= 8 ? launch_mma<FMT, DT, 8, 2, 1, 4, kSmemX>(p, stream) : launch_mma<FMT, DT, 8, 2, 2, 4, kSmemX>(p, stream);
-      case 25: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX2>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX2>(p, stream);
 #ifdef LOWBIT_CUDA_SM90A
       // the warp-specialized kernel streaming the weights by TMA (wgmma n8 / n16): 8 stages and two
       // blocks an SM, or 12 stages
@@ -1343,9 +1135,6 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 11: launch_mma<FMT, DT, 16, 1, 8, 4, kSmemX>(p, stream); return;  // 16 warps x 1 row tile
     case 12: launch_mma<FMT, DT, 8, 1, 8, 4, kSmemX>(p, stream); return;
     case 13: launch_mma<FMT, DT, 8, 1, 4, 4, kSmemX>(p, stream); return;
-    case 22: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX2>(p, stream); return;  // one barrier per 2 k blocks
-    case 23: launch_mma<FMT, DT, 4, 2, 8, 6, kSmemX2>(p, stream); return;
-    case 24: launch_mma<FMT, DT, 4, 2, 4, 6, kSmemX2>(p, stream); return;
     case 1: launch_mma<FMT, DT, 4, 2, 4, 4, kRegX>(p, stream); return;  // the register path of M <= 16
     case 2: launch_mma<FMT, DT, 4, 2, 8, 4, kSmemX>(p, stream); return;
     case 3: launch_mma<FMT, DT, 8, 2, 8, 6, kSmemX>(p, stream); return;
@@ -1354,16 +1143,6 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 9: launch_mma<FMT, DT, 8, 2, 4, 4, kSmemX>(p, stream); return;
     case 10: launch_mma<FMT, DT, 8, 2, 8, 4, kSmemX>(p, stream); return;
 #ifdef LOWBIT_CUDA_SM90A
-    case 6: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmma>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmma>(p, stream); break;
-    case 7: if (wgmma_ok<FMT, DT, 4, 2, 16, 4, kWgmma>()) return launch_mma<FMT, DT, 4, 2, 16, 4, kWgmma>(p, stream); break;
-    case 8: if (wgmma_ok<FMT, DT, 8, 2, 8, 4, kWgmma>()) return launch_mma<FMT, DT, 8, 2, 8, 4, kWgmma>(p, stream); break;
-    case 15: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmmaSw>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmmaSw>(p, stream); break;
-    case 16: if (wgmma_ok<FMT, DT, 8, 2, 8, 4, kWgmmaSw>()) return launch_mma<FMT, DT, 8, 2, 8, 4, kWgmmaSw>(p, stream); break;
-    // wgmma from shared memory on both sides (kWgmmaSS): 256 rows x 128 / 64 tokens, 128 x 256
-    case 26: if (wgmma_ok<FMT, DT, 8, 2, 16, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 2, 16, 4, kWgmmaSS>(p, stream); break;
-    case 27: if (wgmma_ok<FMT, DT, 8, 2, 8, 6, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 2, 8, 6, kWgmmaSS>(p, stream); break;
-    case 28: if (wgmma_ok<FMT, DT, 8, 1, 32, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 8, 1, 32, 4, kWgmmaSS>(p, stream); break;
-    case 29: if (wgmma_ok<FMT, DT, 4, 2, 16, 4, kWgmmaSS>()) return launch_mma<FMT, DT, 4, 2, 16, 4, kWgmmaSS>(p, stream); break;
     // the warp-specialized kernel (TMA, mbarriers): 128R rows x 8NT tokens, P stages
     case 30: if (launch_ws<FMT, DT, 1, 32, 4>(p, stream)) return; break;
     case 31: if (launch_ws<FMT, DT, 2, 16, 4>(p, stream)) return; break;
@@ -1372,9 +1151,6 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 34: if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return; break;
     case 35: if (launch_ws<FMT, DT, 1, 32, 5>(p, stream)) return; break;  // int4 only (shared memory)
     case 36: if (launch_ws<FMT, DT, 1, 16, 4, 2>(p, stream)) return; break;  // two blocks an SM
-    // pairs of row blocks sharing the activation tile (TMA multicast)
-    case 39: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, 2>(p, stream)) return; break;
-    case 40: if (launch_ws<FMT, DT, 1, 16, 6, 1, 2>(p, stream)) return; break;
     // 64-token blocks of 128 rows, two blocks an SM (two consumer chains an SM at M 33-64)
     case 41: if (launch_ws<FMT, DT, 1, 8, 6, 2>(p, stream)) return; break;
     case 42: if (launch_ws<FMT, DT, 1, 8, 4, 2>(p, stream)) return; break;
