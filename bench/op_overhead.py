@@ -5,7 +5,8 @@ layers (validation, backend selection, argument preparation) against torch's ``F
 
 Prints medians over 7 rounds of µs per call: the validation alone, the whole ``lowbit.ops``
 call, ``lowbit.Linear`` (on CUDA its plain eager calls reuse a prepared call: no checks, no
-backend selection) and ``F.linear`` on the dense weight of the same shape.
+backend selection; under inference mode and under no_grad) and ``F.linear`` on the dense
+weight of the same shape (inference mode).
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def main() -> None:
             c = _median_us(call, a.reps)
             layer = layers[name]
             li = _median_us(lambda: layer(x), a.reps)
+            with torch.no_grad():  # as decode loops often run (tensors keep version counters)
+                ln = _median_us(lambda: layer(x), a.reps)
             sync()
             print(f"  {name:8s} validation {v:5.1f} µs   lowbit.ops call {c:6.1f} µs ({c / base:.2f}x F.linear)   "
-                  f"lowbit.Linear {li:6.1f} µs ({li / base:.2f}x)")
+                  f"lowbit.Linear {li:6.1f} µs ({li / base:.2f}x), under no_grad {ln:6.1f} µs")
 
 
 if __name__ == "__main__":
