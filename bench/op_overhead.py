@@ -77,7 +77,7 @@ def main() -> None:
             c = _median_us(call, a.reps)
             layer = layers[name]
             li = _median_us(lambda: layer(x), a.reps)
-            with torch.no_grad():  # as decode loops often run (tensors keep version counters)
+            with torch.inference_mode(False), torch.no_grad():  # as decode loops often run (version counters kept)
                 ln = _median_us(lambda: layer(x), a.reps)
             sync()
             print(f"  {name:8s} validation {v:5.1f} µs   lowbit.ops call {c:6.1f} µs ({c / base:.2f}x F.linear)   "
