@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) w4_mma_kernel(const Params 
 }
 
 // ---- w4_ws_kernel: warp-specialized wgmma GEMM for large M (sm_90a) ----------------------
-// ncu on the wgmma tiles of w4_mma_kernel (M=1024): tensor pipe 55% busy, nothing saturated,
+// ncu on wgmma tiles of w4_mma_kernel (M=1024; since removed): tensor pipe 55% busy, nothing saturated,
 // issue 30%: every warp walks the same serial chain each k block (wait for copies, barrier,
 // issue the next copies, dequantize, store, wgmma), and that chain was longer than the block's
 // wgmmas. Here one producer warp feeds a ring of P stages with the Tensor Memory Accelerator
