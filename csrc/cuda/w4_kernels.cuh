@@ -947,22 +947,19 @@ inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
   return s;
 }
 
-template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks = 0>
-void launch_mma(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_mma_kernel<FMT, DT, W, R, NT, P, MODE, MinBlocks>;
-  constexpr int BN = 16 * R * W, BM = 8 * NT;
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
-  constexpr int smem = Smem<FMT, W, R, NT, P, MODE>::kBytes;
-  const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
+// Launches `kernel(args...)` over (token tiles of BM, row blocks of BN, K splits) on `stream`,
+// the K splits of a tile (choose_split) one thread block cluster.
+template <typename Kernel, typename... Args>
+void launch_grid(Kernel kernel, const KernelInfo& info, const Params& p, int BM, int BN, int threads, int smem,
+                 cudaStream_t stream, const Args&... args) {
   const int64_t tblocks = (p.M + BM - 1) / BM;
   const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
   LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
   const int S = choose_split(info, tblocks * rblocks, p.nkb);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
-  cfg.blockDim = dim3(32 * W, 1, 1);
-  cfg.dynamicSmemBytes = smem;
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   cfg.attrs = attr;
@@ -974,7 +971,18 @@ void launch_mma(const Params& p, cudaStream_t stream) {
     attr[0].val.clusterDim.z = static_cast<unsigned>(S);
     cfg.numAttrs = 1;
   }
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), "w4_matmul_cuda", "kernel launch");
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, args...), "w4_matmul_cuda", "kernel launch");
+}
+
+template <int FMT, int DT, int W, int R, int NT, int P, int MODE, int MinBlocks = 0>
+void launch_mma(const Params& p, cudaStream_t stream) {
+  auto kernel = w4_mma_kernel<FMT, DT, W, R, NT, P, MODE, MinBlocks>;
+  constexpr int BN = 16 * R * W, BM = 8 * NT;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  constexpr int smem = Smem<FMT, W, R, NT, P, MODE>::kBytes;
+  const KernelInfo info = kernel_info(kernel, device, 32 * W, smem);
+  launch_grid(kernel, info, p, BM, BN, 32 * W, smem, stream, p);
 }
 
 #if defined(LOWBIT_CUDA_SM90A)
@@ -1035,26 +1043,7 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
                    SM::kRT, false)) {
     return false;
   }
-  const int64_t tblocks = (p.M + BM - 1) / BM;
-  const int64_t rblocks = (p.n_rt * 16 + BN - 1) / BN;
-  LOWBIT_CHECK(tblocks <= 0x7fffffff && rblocks <= 65535, "w4_matmul_cuda: grid too large (M=", p.M, ", N=", p.N, ")");
-  const int S = choose_split(info, tblocks * rblocks, p.nkb);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(tblocks), static_cast<unsigned>(rblocks), static_cast<unsigned>(S));
-  cfg.blockDim = dim3(288, 1, 1);
-  cfg.dynamicSmemBytes = SM::kBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  cfg.attrs = attr;
-  cfg.numAttrs = 0;
-  if (S > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = static_cast<unsigned>(S);
-    cfg.numAttrs = 1;
-  }
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, xmap, wmap, smap), "w4_matmul_cuda", "kernel launch");
+  launch_grid(kernel, info, p, BM, BN, 288, SM::kBytes, stream, p, xmap, wmap, smap);
   return true;
   }
 }
