@@ -25,7 +25,7 @@ fi
 if has test; then
 timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "not tile_candidates" 2>&1 \
   | tail -8 | tee "$OUT/pytest_w4.log"; el pytest
-timeout 90 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "tile_candidates" 2>&1 \
+timeout ${TILE_TEST_S:-150} python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py -k "tile_candidates" 2>&1 \
   | tail -12 | tee "$OUT/pytest_tiles.log"; el "pytest tiles"
 fi
 has mma && {

@@ -672,7 +672,44 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
   }
 }
 
-template <int FMT, int R, int NT, int P>
+// RS: the A operand from registers (see w4_ws_kernel); no weight tile buffers, and the rings
+// start at a 1024-byte boundary (activations, then weights, then scales).
+// The same for a 3-D tensor map (RS: the weights, read in 128-byte swizzled rows).
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar,
+                                            uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
+      "{%2, %3, %4}], [%5], %6;" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)), "l"(pol)
+      : "memory");
+}
+
+// RS consumers: lane (g, t) builds the wgmma A fragments of row tile `rt` (512 bytes of the
+// weight ring: four 128-byte rows, 16-byte slot (g', t') in row g' >> 1 at chunk 4(g' & 1) + t',
+// 128-byte swizzled) for the four k16 steps j of a k block. Slot (g, j) word (t >> 1) + 2H holds
+// physical k 16j + 2t + 8H (+1) in its registers rh + 2(t & 1): exactly the k of wgmma's register
+// H of lane t, so the activation tile keeps the natural k order. `row7` = rt's first row mod 8.
+template <int FMT, int DT>
+__device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned char* rt, int row7,
+                                         const typename ScaleT<FMT>::type* sc_g, int sgroups, int g, int t,
+                                         const uint32_t* lut_lane) {
+  const int r = (row7 + (g >> 1)) & 7;
+  const unsigned char* row = rt + (g >> 1) * 128;
+  const int sh = (FMT == kW4NF4 ? 16 : 8) * (t & 1);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4 w = *reinterpret_cast<const uint4*>(row + (((4 * (g & 1) + j) ^ r) << 4));
+    uint32_t sc[2], zc[2];
+    split_scales<FMT>(sc_g[sgroups == 2 ? (j >> 1) * 8 : 0], sc, zc);
+    const uint32_t lo = ((t & 2) ? w.y : w.x) >> sh, hi = ((t & 2) ? w.w : w.z) >> sh;
+    a[j][0] = dequant<FMT, DT>(lo, 0, sc, zc, lut_lane);
+    a[j][1] = dequant<FMT, DT>(lo, 1, sc, zc, lut_lane);
+    a[j][2] = dequant<FMT, DT>(hi, 0, sc, zc, lut_lane);
+    a[j][3] = dequant<FMT, DT>(hi, 1, sc, zc, lut_lane);
+  }
+}
+
+template <int FMT, int R, int NT, int P, bool RS = false>
 struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
   static constexpr int kRT = 8 * R;  // row tiles a block
@@ -681,7 +718,7 @@ struct WsSmem {
   static constexpr int kRingW = P * kRT * 512;                       // weights: [P][row tile][32 lanes] uint4
   static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][1 or 2 groups][8]
   static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
-  static constexpr int kABuf = 2 * kRT * 16 * 128;                   // two [128R rows][64 k] fp16 tiles
+  static constexpr int kABuf = RS ? 0 : 2 * kRT * 16 * 128;          // two [128R rows][64 k] fp16 tiles
   static constexpr int kMain = kLutBytes + kBars + kRingW + kRingS + 1024 + P * kStageX + kABuf;
   static constexpr int kRedBytes = 8 * NT * (kRT * 16 + 4) * 4;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
@@ -691,12 +728,18 @@ struct WsSmem {
 #if defined(LOWBIT_CUDA_SM90A)
 // (Pairs of row blocks sharing the activation tile by TMA multicast in 2-block clusters were
 // measured 1.5-2.5x slower and removed: bench/NOTES.md, tenth session.)
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
+//
+// RS (tuning candidates): the consumers feed wgmma's A operand from registers instead (each
+// lane dequantizes the fragments of frags_rs from the weight ring), so nothing is stored back
+// to shared memory and no warpgroup barrier is needed; two register sets alternate between k
+// blocks, one in flight while the other is filled. At 64 tokens the SS loop moves ~112 KB of
+// shared memory a k block (256 rows) against ~56 KB here, while wgmma needs ~512 cycles.
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false>
 __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
-  using SM = WsSmem<FMT, R, NT, P>;
+  using SM = WsSmem<FMT, R, NT, P, RS>;
   float acc[R][NT][4];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -716,8 +759,13 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
   uint4* wring = reinterpret_cast<uint4*>(smem_raw + SM::kLutBytes + SM::kBars);
   ST* sring = reinterpret_cast<ST*>(smem_raw + SM::kLutBytes + SM::kBars + SM::kRingW);
   unsigned char* xring = smem_raw + SM::kLutBytes + SM::kBars + SM::kRingW + SM::kRingS;
+  if constexpr (RS) xring = smem_raw + SM::kLutBytes + SM::kBars;
   xring += (1024u - (smem_u32(xring) & 1023u)) & 1023u;  // the swizzle repeats every 1024 bytes
   unsigned char* abuf = xring + P * SM::kStageX;
+  if constexpr (RS) {
+    wring = reinterpret_cast<uint4*>(abuf);  // (1024-aligned: its rows are swizzled too)
+    sring = reinterpret_cast<ST*>(abuf + SM::kRingW);
+  }
   const int g = lane >> 2, t = lane & 3;
   const int tt = static_cast<int>(blockIdx.x), rb = static_cast<int>(blockIdx.y);
   const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
@@ -752,10 +800,60 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + s)), "r"(bytes)
                      : "memory");
         tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
-        tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb * RT, full + s, pol, true);
+        if constexpr (RS) {
+          tma_load_3d(wring + s * RT * 32, &wmap, 0, kb * 4, rb * RT, full + s, pol);
+        } else {
+          tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb * RT, full + s, pol, true);
+        }
         tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb * RT, full + s, pol, true);
       }
     }
+  } else if constexpr (RS) {
+    // Consumers: each k block's A fragments into one of two register sets (frags_rs), then the
+    // warpgroup's wgmmas from them; the set of block i-1 is free once block i's are issued and
+    // i-1's are done (wgmma_commit_wait<1>), which also releases i-1's stage.
+    // Where two sets and the accumulators would exceed 128 registers (ptxas then serializes the
+    // wgmmas), one set: a block's fragments are built once the previous block's wgmmas are done
+    // (the other warpgroup's run meanwhile).
+    constexpr int kSets = R * NT * 4 + 2 * R * 16 <= 128 ? 2 : 1;
+    const uint32_t* lut_lane = lut + lane;
+    uint32_t afr[kSets][R][4][4];
+    auto step = [&](uint32_t(&a)[R][4][4], int i) {
+      const int s = i % P;
+      mbar_wait(full + s, (i / P) & 1);
+      if constexpr (kSets == 1) {
+        wgmma_commit_wait<0>();
+        mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int rtl = warp * R + r;
+        frags_rs<FMT, DT>(a[r], reinterpret_cast<const unsigned char*>(wring + (s * RT + rtl) * 32), (rtl & 1) * 4,
+                          sring + s * RT * 16 + rtl * 8 * sgroups + g, sgroups, g, t, lut_lane);
+      }
+      const unsigned char* xs = xring + s * SM::kStageX;
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t db = wgmma_desc_sw128(xs + 32 * j);
+#pragma unroll
+        for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma(&acc[r][0][0], a[r][j], db);
+      }
+      if constexpr (kSets == 2) {
+        wgmma_commit_wait<1>();
+        mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
+      } else {
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      }
+    };
+    int i = 0;
+#pragma unroll 1
+    for (; i + 2 <= nk; i += 2) {
+      step(afr[0], i);
+      step(afr[kSets - 1], i + 1);
+    }
+    if (i < nk) step(afr[0], i);
+    wgmma_commit_wait<0>();
   } else {
     // Consumers: dequantize each k block into the warpgroup's swizzled weight tile, then its
     // wgmmas (store_frags_sw128, wgmma_ss_kblock).
@@ -986,11 +1084,12 @@ void launch_mma(const Params& p, cudaStream_t stream) {
 }
 
 #if defined(LOWBIT_CUDA_SM90A)
-// A 2-D tensor map over `rows` rows of `inner` elements of `elem_bytes` (1, 2 or 4) each,
-// `stride` bytes apart, boxes of box_rows x box_inner, zero-filled past the edges. False where
-// TMA cannot take it (a base or stride not a multiple of 16 bytes, or no driver entry point).
-inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int64_t inner, int64_t rows,
-                        int64_t stride, int box_inner, int box_rows, bool swizzle128) {
+// A tensor map of rank 2 or 3 over elements of `elem_bytes` (1, 2 or 4): dims[0] contiguous
+// elements, dims[d] (d > 0) `strides[d - 1]` bytes apart, boxes of box[0..rank), zero-filled past
+// the edges, 128-byte swizzled if asked. False where TMA cannot take it (a base or stride not a
+// multiple of 16 bytes, or no driver entry point).
+inline bool make_map(CUtensorMap* map, const void* base, int elem_bytes, int rank, const int64_t* dims,
+                     const int64_t* strides, const int* box, bool swizzle128) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -1004,25 +1103,39 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
     }
     return reinterpret_cast<Encode>(fn);
   }();
-  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || stride % 16 != 0) return false;
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   const CUtensorMapDataType dt = elem_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
                                  : elem_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16
                                                    : CU_TENSOR_MAP_DATA_TYPE_UINT32;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, dt, 2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+  cuuint64_t d[3], st[2];
+  cuuint32_t b[3], elem_strides[3] = {1, 1, 1};
+  for (int i = 0; i < rank; ++i) {
+    d[i] = static_cast<cuuint64_t>(dims[i]);
+    b[i] = static_cast<cuuint32_t>(box[i]);
+    if (i > 0) {
+      if (strides[i - 1] % 16 != 0) return false;
+      st[i - 1] = static_cast<cuuint64_t>(strides[i - 1]);
+    }
+  }
+  return encode(map, dt, static_cast<cuuint32_t>(rank), const_cast<void*>(base), d, st, b, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The 2-D case: `rows` rows of `inner` elements, `stride` bytes apart, boxes of box_rows x box_inner.
+inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int64_t inner, int64_t rows,
+                        int64_t stride, int box_inner, int box_rows, bool swizzle128) {
+  const int64_t dims[2] = {inner, rows};
+  const int box[2] = {box_inner, box_rows};
+  return make_map(map, base, elem_bytes, 2, dims, &stride, box, swizzle128);
 }
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1>
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks>;
-  using SM = WsSmem<FMT, R, NT, P>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS>;
+  using SM = WsSmem<FMT, R, NT, P, RS>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
@@ -1032,13 +1145,17 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
   const KernelInfo info = kernel_info(kernel, device, 288, SM::kBytes);
   if (!info.sm90a) return false;
   // Activations [M][K] (boxes of BM tokens x 64 k, swizzled); weights as [row tiles][nkb x 512
-  // bytes] (32-bit words; boxes of RT row tiles x one k block); scales as [row tiles][groups x 8
-  // entries] (boxes of the 1 or 2 groups of a k block).
+  // bytes] (32-bit words; boxes of RT row tiles x one k block; RS: as [row tiles][nkb x 4 rows]
+  // [128 bytes], swizzled, so that frags_rs reads other lanes' slots without bank conflicts);
+  // scales as [row tiles][groups x 8 entries] (boxes of the 1 or 2 groups of a k block).
   using ST = typename ScaleT<FMT>::type;
   const int sw = 8 * static_cast<int>(sizeof(ST)) / 4, sg = p.gshift == 5 ? 2 : 1;
   CUtensorMap xmap, wmap, smap;
+  const int64_t wdims[3] = {32, int64_t{p.nkb} * 4, p.n_rt}, wstrides[2] = {128, int64_t{p.nkb} * 512};
+  const int wbox[3] = {32, 4, SM::kRT};
   if (!make_map_2d(&xmap, p.x, 2, p.K, p.M, p.x_row_stride * 2, 64, BM, true) ||
-      !make_map_2d(&wmap, p.w, 4, int64_t{p.nkb} * 128, p.n_rt, int64_t{p.nkb} * 512, 128, SM::kRT, false) ||
+      !(RS ? make_map(&wmap, p.w, 4, 3, wdims, wstrides, wbox, true)
+           : make_map_2d(&wmap, p.w, 4, int64_t{p.nkb} * 128, p.n_rt, int64_t{p.nkb} * 512, 128, SM::kRT, false)) ||
       !make_map_2d(&smap, p.s, 4, int64_t{p.num_groups} * sw, p.n_rt, int64_t{p.num_groups} * sw * 4, sg * sw,
                    SM::kRT, false)) {
     return false;
@@ -1143,6 +1260,14 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     // 64-token blocks of 128 rows, two blocks an SM (two consumer chains an SM at M 33-64)
     case 41: if (launch_ws<FMT, DT, 1, 8, 6, 2>(p, stream)) return; break;
     case 42: if (launch_ws<FMT, DT, 1, 8, 4, 2>(p, stream)) return; break;
+    // RS: wgmma's A operand from registers (M 33-64 and 65-128; deeper rings where the freed
+    // weight tile buffers leave room; 256-token blocks would need more than 168 registers)
+    case 43: if (launch_ws<FMT, DT, 2, 8, 6, 1, true>(p, stream)) return; break;
+    case 44: if (launch_ws<FMT, DT, 2, 8, 8, 1, true>(p, stream)) return; break;
+    case 45: if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) return; break;
+    case 46: if (launch_ws<FMT, DT, 1, 8, 4, 2, true>(p, stream)) return; break;
+    case 47: if (launch_ws<FMT, DT, 1, 16, 6, 1, true>(p, stream)) return; break;
+    case 48: if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return; break;
 #endif
     default: break;
   }
