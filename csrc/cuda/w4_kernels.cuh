@@ -1274,23 +1274,43 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
 #endif
 #if defined(LOWBIT_CUDA_SM90A)
   // Hopper: the warp-specialized wgmma kernel where it wins (measured on an H100; not taken,
-  // false, where TMA cannot read the activations):
-  //   * 33-64 tokens on tall weights: 64-token blocks of 256 rows (N >= 16384) or 128 rows
-  //     (28672x8192 105.8 -> 99.3 us, 8192x28672 157.2 -> 112.9, 14336x4096 39.9 -> 36.4); the
-  //     mma.sync tiles stay ahead on N = 4096;
-  //   * beyond 64 tokens (against the 64-token mma.sync tiles: M=128 28672x8192 206 -> 127 us,
-  //     M=256 400 -> 200 us, M=1024 1405 -> 694 us): 128-token blocks up to 128 tokens (256 rows
-  //     on the tallest weights) and on short weights (N < 8192) up to 256, where 256-token
-  //     blocks leave SMs idle; else 256-token blocks (5 stages for int4; nf4's table leaves
-  //     room for 4).
+  // false, where TMA cannot read the activations). RS = A from registers (eleventh session,
+  // us int4 / nf4 before -> after):
+  //   * 33-64 tokens, 64-token blocks: 256 rows, RS, on N >= 16384 (28672x8192 97.5 -> 76.9 /
+  //     112.9 -> 89.0); 128 rows, RS, on 8192 <= N < 16384 (14336x4096 35.0 -> 30.9 / 38.4 ->
+  //     32.5; 8192x28672 nf4 116.5 -> 97.6, but int4 stays on the shared-memory tile: 103.2 vs
+  //     116.3); 128 rows, RS, two blocks an SM, on N < 8192 (4096x14336 45.7 -> 38.3 / 50.3 ->
+  //     41.6; 4096^2 21.5 -> 21.2 / 26.8 -> 23.2; was the mma.sync tile);
+  //   * 65-128 tokens: 128-token blocks of 128 rows, RS, on N >= 8192 (8192x28672 129.7 ->
+  //     115.2 / 136.9 -> 124.2; 28672x8192 128.1 -> 127.1 / 134.2 -> 137.6, was 256 rows); on
+  //     N < 8192 64-token blocks (4096x14336 72.3 -> 56.1 int4 shared-memory tile, 77.2 -> 52.4
+  //     nf4 RS);
+  //   * beyond (against the 64-token mma.sync tiles: M=256 400 -> 200 us, M=1024 1405 -> 694
+  //     us): 128-token blocks up to 256 on short weights (N < 8192), where 256-token blocks
+  //     leave SMs idle; else 256-token blocks (5 stages for int4; nf4's table leaves room for
+  //     4). (RS blocks of 256 tokens would need more than 168 registers a thread.)
   if (p.M > 32 && p.M <= 64) {
-    if (p.N >= 16384 && launch_ws<FMT, DT, 2, 8, 6>(p, stream)) return;
-    if (p.N >= 8192 && p.N < 16384 && launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
-  }
-  if (p.M > 64) {
-    if (p.M <= 128 && p.N >= 16384) {  // 256 rows a block (28672x8192 M=128: 144.9 -> 126.6 us)
-      if (launch_ws<FMT, DT, 2, 16, 4>(p, stream)) return;
-    } else if (p.M <= 128 || (p.M <= 256 && p.N < 8192)) {
+    if (p.N >= 16384) {
+      if (launch_ws<FMT, DT, 2, 8, 6, 1, true>(p, stream)) return;
+    } else if (p.N >= 8192) {
+      if (FMT == kW4Int4 && p.K >= 16384) {
+        if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
+      } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) {
+        return;
+      }
+    } else if (launch_ws<FMT, DT, 1, 8, 4, 2, true>(p, stream)) {
+      return;
+    }
+  } else if (p.M > 64 && p.M <= 128) {
+    if (p.N >= 8192) {
+      if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return;
+    } else if (FMT == kW4Int4) {
+      if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
+    } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) {
+      return;
+    }
+  } else if (p.M > 128) {
+    if (p.M <= 256 && p.N < 8192) {
       if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return;
     } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5>(p, stream)) {
       return;
