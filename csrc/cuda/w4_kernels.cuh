@@ -719,6 +719,11 @@ struct WsSmem {
   static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][1 or 2 groups][8]
   static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
   static constexpr int kABuf = RS ? 0 : 2 * kRT * 16 * 128;          // two [128R rows][64 k] fp16 tiles
+  // RS blocks whose accumulators and two fragment sets exceed 128 registers take a whole
+  // producer warpgroup (384 threads) so that registers move to the consumers (setmaxnreg:
+  // 232 each, 40 for the producer's warpgroup); else 288 threads (8 consumer warps + 1).
+  static constexpr bool kRegMove = RS && R * NT * 4 + 2 * R * 16 > 128;
+  static constexpr int kThreads = kRegMove ? 384 : 288;
   static constexpr int kMain = kLutBytes + kBars + kRingW + kRingS + 1024 + P * kStageX + kABuf;
   static constexpr int kRedBytes = 8 * NT * (kRT * 16 + 4) * 4;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
@@ -735,7 +740,7 @@ struct WsSmem {
 // blocks, one in flight while the other is filled. At 64 tokens the SS loop moves ~112 KB of
 // shared memory a k block (256 rows) against ~56 KB here, while wgmma needs ~512 cycles.
 template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false>
-__global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
+__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
@@ -781,14 +786,18 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   if constexpr (FMT == kW4NF4) {
-    fill_nf4_lut<DT>(lut, tid, 288);
+    fill_nf4_lut<DT>(lut, tid, SM::kThreads);
   }
   __syncthreads();
 
-  if (warp == 8) {
+  if (warp >= 8) {
     // Producer: stage s = i % P is refilled once the consumers released it (empty), by three
     // TMA copies (activations; the block's RT row tiles of weights, each k block's 512 bytes;
     // their scales) that complete `full` by their byte count. Past N the boxes are zero-filled.
+    // (With kRegMove, warps 9-11 only lend their registers; every warp is back at 168 for the
+    // epilogue.)
+    if constexpr (SM::kRegMove) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+    if (warp == 8) {
     const uint64_t pol = l2_policy(p.l2_evict_first != 0);
     const uint32_t bytes = BM * 128 + RT * (512 + sgroups * 8 * sizeof(ST));
     constexpr int kSWords = 8 * sizeof(ST) / 4;  // 32-bit words of one group's scales of a row tile
@@ -808,6 +817,8 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
         tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb * RT, full + s, pol, true);
       }
     }
+    }
+    if constexpr (SM::kRegMove) asm volatile("setmaxnreg.inc.sync.aligned.u32 168;" ::: "memory");
   } else if constexpr (RS) {
     // Consumers: each k block's A fragments into one of two register sets (frags_rs), then the
     // warpgroup's wgmmas from them; the set of block i-1 is free once block i's are issued and
@@ -815,7 +826,8 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
     // Where two sets and the accumulators would exceed 128 registers (ptxas then serializes the
     // wgmmas), one set: a block's fragments are built once the previous block's wgmmas are done
     // (the other warpgroup's run meanwhile).
-    constexpr int kSets = R * NT * 4 + 2 * R * 16 <= 128 ? 2 : 1;
+    if constexpr (SM::kRegMove) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+    constexpr int kSets = R * NT * 4 + 2 * R * 16 <= (SM::kRegMove ? 192 : 128) ? 2 : 1;
     const uint32_t* lut_lane = lut + lane;
     uint32_t afr[kSets][R][4][4];
     auto step = [&](uint32_t(&a)[R][4][4], int i) {
@@ -854,6 +866,7 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
     }
     if (i < nk) step(afr[0], i);
     wgmma_commit_wait<0>();
+    if constexpr (SM::kRegMove) asm volatile("setmaxnreg.dec.sync.aligned.u32 168;" ::: "memory");
   } else {
     // Consumers: dequantize each k block into the warpgroup's swizzled weight tile, then its
     // wgmmas (store_frags_sw128, wgmma_ss_kblock).
@@ -880,7 +893,7 @@ __global__ void __launch_bounds__(288, MinBlocks) w4_ws_kernel(const Params p, c
   (void)lane;
   __trap();
 #endif
-  store_tile<DT, R, NT, 16 * SM::kRT, 288>(p, smem_raw, acc, warp < 8);
+  store_tile<DT, R, NT, 16 * SM::kRT, SM::kThreads>(p, smem_raw, acc, warp < 8);
 }
 #endif  // LOWBIT_CUDA_SM90A
 
@@ -1142,7 +1155,7 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
   if constexpr (SM::kBytes > 227 * 1024) {
     return false;  // (nf4's table leaves no room for this many stages)
   } else {
-  const KernelInfo info = kernel_info(kernel, device, 288, SM::kBytes);
+  const KernelInfo info = kernel_info(kernel, device, SM::kThreads, SM::kBytes);
   if (!info.sm90a) return false;
   // Activations [M][K] (boxes of BM tokens x 64 k, swizzled); weights as [row tiles][nkb x 512
   // bytes] (32-bit words; boxes of RT row tiles x one k block; RS: as [row tiles][nkb x 4 rows]
@@ -1160,7 +1173,7 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
                    SM::kRT, false)) {
     return false;
   }
-  launch_grid(kernel, info, p, BM, BN, 288, SM::kBytes, stream, p, xmap, wmap, smap);
+  launch_grid(kernel, info, p, BM, BN, SM::kThreads, SM::kBytes, stream, p, xmap, wmap, smap);
   return true;
   }
 }
@@ -1261,13 +1274,18 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 41: if (launch_ws<FMT, DT, 1, 8, 6, 2>(p, stream)) return; break;
     case 42: if (launch_ws<FMT, DT, 1, 8, 4, 2>(p, stream)) return; break;
     // RS: wgmma's A operand from registers (M 33-64 and 65-128; deeper rings where the freed
-    // weight tile buffers leave room; 256-token blocks would need more than 168 registers)
+    // weight tile buffers leave room)
     case 43: if (launch_ws<FMT, DT, 2, 8, 6, 1, true>(p, stream)) return; break;
     case 44: if (launch_ws<FMT, DT, 2, 8, 8, 1, true>(p, stream)) return; break;
     case 45: if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) return; break;
     case 46: if (launch_ws<FMT, DT, 1, 8, 4, 2, true>(p, stream)) return; break;
     case 47: if (launch_ws<FMT, DT, 1, 16, 6, 1, true>(p, stream)) return; break;
     case 48: if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return; break;
+    // RS with registers moved to the consumers (384 threads): 256-token blocks, and 128-token
+    // blocks of 256 rows
+    case 49: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true>(p, stream)) return; break;
+    case 50: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 5 : 6, 1, true>(p, stream)) return; break;
+    case 51: if (launch_ws<FMT, DT, 2, 16, 4, 1, true>(p, stream)) return; break;
 #endif
     default: break;
   }
