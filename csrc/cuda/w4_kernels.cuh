@@ -1320,7 +1320,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
       return;
     }
   } else if (p.M > 64 && p.M <= 128) {
-    if (p.N >= 8192) {
+    if (p.N >= 16384) {
+      if (launch_ws<FMT, DT, 2, 16, 4, 1, true>(p, stream)) return;
+    } else if (p.N >= 8192) {
       if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return;
     } else if (FMT == kW4Int4) {
       if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
@@ -1329,8 +1331,8 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     }
   } else if (p.M > 128) {
     if (p.M <= 256 && p.N < 8192) {
-      if (launch_ws<FMT, DT, 1, 16, 6>(p, stream)) return;
-    } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5>(p, stream)) {
+      if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return;
+    } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true>(p, stream)) {
       return;
     }
   }
