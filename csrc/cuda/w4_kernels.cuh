@@ -695,13 +695,16 @@ __device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned cha
                                          const uint32_t* lut_lane) {
   const int r = (row7 + (g >> 1)) & 7;
   const unsigned char* row = rt + (g >> 1) * 128;
-  const int sh = (FMT == kW4NF4 ? 16 : 8) * (t & 1);
+  // One byte permute picks word (t >> 1) of a pair and shifts it right by 8(t & 1) bytes' worth
+  // (nf4: 16): the dequantization reads bytes 0 and 2 (int4) or 0 and 1 (nf4) only.
+  const uint32_t b0 = 4 * (t >> 1) + (FMT == kW4NF4 ? 2 : 1) * (t & 1);
+  const uint32_t sel = b0 | ((b0 + 1) & 7) << 4 | ((b0 + 2) & 7) << 8 | ((b0 + 3) & 7) << 12;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const uint4 w = *reinterpret_cast<const uint4*>(row + (((4 * (g & 1) + j) ^ r) << 4));
     uint32_t sc[2], zc[2];
     split_scales<FMT>(sc_g[sgroups == 2 ? (j >> 1) * 8 : 0], sc, zc);
-    const uint32_t lo = ((t & 2) ? w.y : w.x) >> sh, hi = ((t & 2) ? w.w : w.z) >> sh;
+    const uint32_t lo = __byte_perm(w.x, w.y, sel), hi = __byte_perm(w.z, w.w, sel);
     a[j][0] = dequant<FMT, DT>(lo, 0, sc, zc, lut_lane);
     a[j][1] = dequant<FMT, DT>(lo, 1, sc, zc, lut_lane);
     a[j][2] = dequant<FMT, DT>(hi, 0, sc, zc, lut_lane);
@@ -709,10 +712,10 @@ __device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned cha
   }
 }
 
-template <int FMT, int R, int NT, int P, bool RS = false>
+template <int FMT, int R, int NT, int P, bool RS = false, int CW = 8>
 struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
-  static constexpr int kRT = 8 * R;  // row tiles a block
+  static constexpr int kRT = CW * R;  // row tiles a block (CW consumer warps)
   static constexpr int kLutBytes = FMT == kW4NF4 ? 256 * 32 * 4 : 0;
   static constexpr int kBars = 256;                                  // full[P], empty[P]
   static constexpr int kRingW = P * kRT * 512;                       // weights: [P][row tile][32 lanes] uint4
@@ -721,9 +724,10 @@ struct WsSmem {
   static constexpr int kABuf = RS ? 0 : 2 * kRT * 16 * 128;          // two [128R rows][64 k] fp16 tiles
   // RS blocks whose accumulators and two fragment sets exceed 128 registers take a whole
   // producer warpgroup (384 threads) so that registers move to the consumers (setmaxnreg:
-  // 232 each, 40 for the producer's warpgroup); else 288 threads (8 consumer warps + 1).
+  // 232 each, 40 for the producer's warpgroup); else CW consumer warps + 1.
   static constexpr bool kRegMove = RS && R * NT * 4 + 2 * R * 16 > 128;
-  static constexpr int kThreads = kRegMove ? 384 : 288;
+  static constexpr int kThreads = kRegMove ? 384 : 32 * (CW + 1);
+  static_assert(CW == 8 || (RS && CW == 16 && !kRegMove), "16 consumer warps: RS blocks only");
   static constexpr int kMain = kLutBytes + kBars + kRingW + kRingS + 1024 + P * kStageX + kABuf;
   static constexpr int kRedBytes = 8 * NT * (kRT * 16 + 4) * 4;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
@@ -734,17 +738,17 @@ struct WsSmem {
 // (Pairs of row blocks sharing the activation tile by TMA multicast in 2-block clusters were
 // measured 1.5-2.5x slower and removed: bench/NOTES.md, tenth session.)
 //
-// RS (tuning candidates): the consumers feed wgmma's A operand from registers instead (each
-// lane dequantizes the fragments of frags_rs from the weight ring), so nothing is stored back
-// to shared memory and no warpgroup barrier is needed; two register sets alternate between k
-// blocks, one in flight while the other is filled. At 64 tokens the SS loop moves ~112 KB of
+// RS (most of w4_launch's choices): the consumers feed wgmma's A operand from registers instead
+// (each lane dequantizes the fragments of frags_rs from the weight ring), so nothing is stored
+// back to shared memory and no warpgroup barrier is needed; two register sets alternate between
+// k blocks, one in flight while the other is filled. At 64 tokens the SS loop moves ~112 KB of
 // shared memory a k block (256 rows) against ~56 KB here, while wgmma needs ~512 cycles.
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false>
-__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8>
+__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
-  using SM = WsSmem<FMT, R, NT, P, RS>;
+  using SM = WsSmem<FMT, R, NT, P, RS, CW>;
   float acc[R][NT][4];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -781,7 +785,7 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS>::kThreads, MinBlocks
   if (tid == 0) {
     for (int s = 0; s < P; ++s) {
       mbar_init(full + s, 1);
-      mbar_init(empty + s, 8);
+      mbar_init(empty + s, CW);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -790,14 +794,14 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS>::kThreads, MinBlocks
   }
   __syncthreads();
 
-  if (warp >= 8) {
+  if (warp >= CW) {
     // Producer: stage s = i % P is refilled once the consumers released it (empty), by three
     // TMA copies (activations; the block's RT row tiles of weights, each k block's 512 bytes;
     // their scales) that complete `full` by their byte count. Past N the boxes are zero-filled.
     // (With kRegMove, warps 9-11 only lend their registers; every warp is back at 168 for the
     // epilogue.)
     if constexpr (SM::kRegMove) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
-    if (warp == 8) {
+    if (warp == CW) {
     const uint64_t pol = l2_policy(p.l2_evict_first != 0);
     const uint32_t bytes = BM * 128 + RT * (512 + sgroups * 8 * sizeof(ST));
     constexpr int kSWords = 8 * sizeof(ST) / 4;  // 32-bit words of one group's scales of a row tile
@@ -893,7 +897,7 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS>::kThreads, MinBlocks
   (void)lane;
   __trap();
 #endif
-  store_tile<DT, R, NT, 16 * SM::kRT, SM::kThreads>(p, smem_raw, acc, warp < 8);
+  store_tile<DT, R, NT, 16 * SM::kRT, SM::kThreads>(p, smem_raw, acc, warp < CW);
 }
 #endif  // LOWBIT_CUDA_SM90A
 
@@ -1145,10 +1149,10 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false>
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS>;
-  using SM = WsSmem<FMT, R, NT, P, RS>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS, CW>;
+  using SM = WsSmem<FMT, R, NT, P, RS, CW>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
@@ -1286,6 +1290,10 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 49: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true>(p, stream)) return; break;
     case 50: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 5 : 6, 1, true>(p, stream)) return; break;
     case 51: if (launch_ws<FMT, DT, 2, 16, 4, 1, true>(p, stream)) return; break;
+    // RS with 16 consumer warps (one row tile each), 256 rows x 32 tokens: 9% ahead of the
+    // mma.sync tile at M=32 on 28672x8192, behind it on N = 4096 and 8192 (eleventh session;
+    // 256 x 64 with 16 warps, once 52/53, lost to 43 and was removed)
+    case 54: if (launch_ws<FMT, DT, 1, 4, 8, 1, true, 16>(p, stream)) return; break;
 #endif
     default: break;
   }

@@ -86,6 +86,38 @@ struct Wgmma<16, BF16> {
 };
 
 template <bool BF16>
+struct Wgmma<32, BF16> {
+  __device__ __forceinline__ static void mma(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+    (void)d; (void)a; (void)desc_b;
+    if constexpr (BF16) {
+      LOWBIT_WGMMA_BODY("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                        "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;",
+                        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    } else {
+      LOWBIT_WGMMA_BODY("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                        "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;",
+                        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    }
+  }
+  __device__ __forceinline__ static void mma_ss(float* d, uint64_t desc_a, uint64_t desc_b) {
+    (void)d; (void)desc_a; (void)desc_b;
+    if constexpr (BF16) {
+      LOWBIT_WGMMA_BODY("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                        "%16, %17, 1, 1, 1, 0, 0;",
+                        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                        : "l"(desc_a), "l"(desc_b));
+    } else {
+      LOWBIT_WGMMA_BODY("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                        "%16, %17, 1, 1, 1, 0, 0;",
+                        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                        : "l"(desc_a), "l"(desc_b));
+    }
+  }
+};
+
+template <bool BF16>
 struct Wgmma<64, BF16> {
   __device__ __forceinline__ static void mma(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
     (void)d; (void)a; (void)desc_b;
