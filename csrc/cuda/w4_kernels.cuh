@@ -672,8 +672,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
   }
 }
 
-// RS: the A operand from registers (see w4_ws_kernel); no weight tile buffers, and the rings
-// start at a 1024-byte boundary (activations, then weights, then scales).
 // The same for a 3-D tensor map (RS: the weights, read in 128-byte swizzled rows).
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar,
                                             uint64_t pol) {
@@ -712,6 +710,8 @@ __device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned cha
   }
 }
 
+// RS: the A operand from registers (see w4_ws_kernel); no weight tile buffers, and the rings
+// start at a 1024-byte boundary (activations, then weights, then scales).
 template <int FMT, int R, int NT, int P, bool RS = false, int CW = 8>
 struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
@@ -728,6 +728,7 @@ struct WsSmem {
   static constexpr bool kRegMove = RS && R * NT * 4 + 2 * R * 16 > 128;
   static constexpr int kThreads = kRegMove ? 384 : 32 * (CW + 1);
   static_assert(CW == 8 || (RS && CW == 16 && !kRegMove), "16 consumer warps: RS blocks only");
+  static_assert(!RS || R * NT * 4 + 2 * R * 16 <= 192, "RS: accumulators + two fragment sets in 232 registers");
   static constexpr int kMain = kLutBytes + kBars + kRingW + kRingS + 1024 + P * kStageX + kABuf;
   static constexpr int kRedBytes = 8 * NT * (kRT * 16 + 4) * 4;
   static constexpr int kBytes = kMain > kRedBytes ? kMain : kRedBytes;
@@ -827,20 +828,12 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
     // Consumers: each k block's A fragments into one of two register sets (frags_rs), then the
     // warpgroup's wgmmas from them; the set of block i-1 is free once block i's are issued and
     // i-1's are done (wgmma_commit_wait<1>), which also releases i-1's stage.
-    // Where two sets and the accumulators would exceed 128 registers (ptxas then serializes the
-    // wgmmas), one set: a block's fragments are built once the previous block's wgmmas are done
-    // (the other warpgroup's run meanwhile).
     if constexpr (SM::kRegMove) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
-    constexpr int kSets = R * NT * 4 + 2 * R * 16 <= (SM::kRegMove ? 192 : 128) ? 2 : 1;
     const uint32_t* lut_lane = lut + lane;
-    uint32_t afr[kSets][R][4][4];
+    uint32_t afr[2][R][4][4];
     auto step = [&](uint32_t(&a)[R][4][4], int i) {
       const int s = i % P;
       mbar_wait(full + s, (i / P) & 1);
-      if constexpr (kSets == 1) {
-        wgmma_commit_wait<0>();
-        mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
-      }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int rtl = warp * R + r;
@@ -855,18 +848,14 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
 #pragma unroll
         for (int r = 0; r < R; ++r) Wgmma<8 * NT, DT == kBFloat16>::mma(&acc[r][0][0], a[r][j], db);
       }
-      if constexpr (kSets == 2) {
-        wgmma_commit_wait<1>();
-        mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
-      } else {
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      }
+      wgmma_commit_wait<1>();
+      mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
     };
     int i = 0;
 #pragma unroll 1
     for (; i + 2 <= nk; i += 2) {
       step(afr[0], i);
-      step(afr[kSets - 1], i + 1);
+      step(afr[1], i + 1);
     }
     if (i < nk) step(afr[0], i);
     wgmma_commit_wait<0>();
