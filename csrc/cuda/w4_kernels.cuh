@@ -143,6 +143,10 @@ struct Params {
   void* out;
   int M, N, K, n_rt, nkb, num_groups, gshift;
   int l2_evict_first;  // stream the weights with an L2 evict-first policy (see l2_policy)
+  // Stream-K (w4_ws_kernel<..., SK>): the fp32 partial tiles of the blocks, [block][element]
+  // [consumer thread], and one flag a block (zero between calls).
+  float* sk_partial;
+  int* sk_flag;
 };
 
 // The L2 policy of the weight stream. Each weight byte is read once a call, so its lines are
@@ -710,9 +714,72 @@ __device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned cha
   }
 }
 
+// SK (stream-K) end of a block's piece of a tile, by the CW consumer warps (named barrier 1):
+// a piece without the tile's first k block parks its fp32 accumulators in the block's partial
+// slot and raises its flag; the piece with it waits for the flags of the later blocks that hold
+// the rest of the tile (iterations up to `last` of the tile), adds their partials in block
+// order, clears their flags, adds the bias and stores. The accumulators are zeroed for the next
+// piece. `it` is the piece's last iteration; `total` the grid's iteration count.
+template <int DT, int R, int NT, int CW>
+__device__ __forceinline__ void sk_tile_end(const Params& p, float (&acc)[R][NT][4], bool owner, int kb, int tt, int rb,
+                                            int64_t total, int64_t it, int warp, int g, int t) {
+  // (The accumulators are only read inside the branches: a write there would make ptxas put a
+  // warpgroup arrive on a divergent path and serialize every wgmma of the kernel.)
+  constexpr int kThrC = CW * 32, kE = R * NT * 4;
+  const int tid = warp * 32 + g * 4 + t, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const float* a = &acc[0][0][0];
+  auto slot = [&](int q) { return p.sk_partial + static_cast<int64_t>(q) * kE * kThrC + tid; };
+  if (!owner) {
+    float* mine = slot(b);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) mine[static_cast<int64_t>(e) * kThrC] = a[e];
+    __threadfence();
+    asm volatile("bar.sync 1, %0;" ::"r"(kThrC) : "memory");
+    if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.sk_flag + b), "r"(1) : "memory");
+  } else {
+    int q1 = b + 1;  // the tile goes on in blocks b+1 .. q1-1 (up to its last iteration `last`)
+    if (kb != p.nkb - 1) {
+      const int64_t last = it + (p.nkb - 1 - kb);
+      for (; q1 < G && total * q1 / G <= last; ++q1) {
+        uint32_t f = 0;
+        do {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.sk_flag + q1) : "memory");
+        } while (f == 0);
+      }
+    }
+    using A = Act<DT>;
+    const int m_valid = min(8 * NT, p.M - tt * 8 * NT);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = rb * (16 * R * CW) + (warp * R + r) * 16 + g;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int e = (r * NT + n) * 4 + c, tok = 8 * n + 2 * t + (c & 1), grow = row + 8 * (c >> 1);
+          float v = a[e];
+          for (int q = b + 1; q < q1; ++q) v += slot(q)[static_cast<int64_t>(e) * kThrC];
+          if (tok < m_valid && grow < p.N) {
+            if (p.bias != nullptr) v += load_as_float(p.bias, grow, p.bias_dtype);
+            static_cast<uint16_t*>(p.out)[static_cast<int64_t>(tt * 8 * NT + tok) * p.N + grow] = A::from_float(v);
+          }
+        }
+      }
+    }
+    if (q1 > b + 1) {
+      asm volatile("bar.sync 1, %0;" ::"r"(kThrC) : "memory");  // every partial read: clear the flags
+      if (tid == 0) {
+        for (int q = b + 1; q < q1; ++q) p.sk_flag[q] = 0;
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kE; ++e) acc[e / (NT * 4)][(e / 4) % NT][e % 4] = 0.0f;
+}
+
 // RS: the A operand from registers (see w4_ws_kernel); no weight tile buffers, and the rings
 // start at a 1024-byte boundary (activations, then weights, then scales).
-template <int FMT, int R, int NT, int P, bool RS = false, int CW = 8>
+template <int FMT, int R, int NT, int P, bool RS = false, int CW = 8, bool SK = false>
 struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
   static constexpr int kRT = CW * R;  // row tiles a block (CW consumer warps)
@@ -722,10 +789,11 @@ struct WsSmem {
   static constexpr int kRingS = P * kRT * 16 * sizeof(ST);           // scales: [P][row tile][1 or 2 groups][8]
   static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
   static constexpr int kABuf = RS ? 0 : 2 * kRT * 16 * 128;          // two [128R rows][64 k] fp16 tiles
-  // RS blocks whose accumulators and two fragment sets exceed 128 registers take a whole
-  // producer warpgroup (384 threads) so that registers move to the consumers (setmaxnreg:
-  // 232 each, 40 for the producer's warpgroup); else CW consumer warps + 1.
-  static constexpr bool kRegMove = RS && R * NT * 4 + 2 * R * 16 > 128;
+  // RS blocks whose accumulators and two fragment sets exceed 128 registers (or 96 with the
+  // stream-K epilogue) take a whole producer warpgroup (384 threads) so that registers move to
+  // the consumers (setmaxnreg: 232 each, 40 for the producer's warpgroup); else CW consumer
+  // warps + 1.
+  static constexpr bool kRegMove = RS && R * NT * 4 + 2 * R * 16 > (SK ? 96 : 128);
   static constexpr int kThreads = kRegMove ? 384 : 32 * (CW + 1);
   static_assert(CW == 8 || (RS && CW == 16 && !kRegMove), "16 consumer warps: RS blocks only");
   static_assert(!RS || R * NT * 4 + 2 * R * 16 <= 192, "RS: accumulators + two fragment sets in 232 registers");
@@ -744,12 +812,17 @@ struct WsSmem {
 // back to shared memory and no warpgroup barrier is needed; two register sets alternate between
 // k blocks, one in flight while the other is filled. At 64 tokens the SS loop moves ~112 KB of
 // shared memory a k block (256 rows) against ~56 KB here, while wgmma needs ~512 cycles.
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8>
-__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
+// SK (tuning candidates, RS only): stream-K. One block an SM, each over an equal run of the
+// (tile, k block) iterations, tile-major; a tile split between blocks is finished by the block
+// holding its first k blocks, which waits for the later blocks' flags (their pieces are at the
+// start of their runs, and every block is resident: no cycle), adds their partials in block
+// order and clears the flags. The epilogue goes from registers (the rings stay in use).
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false>
+__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
-  using SM = WsSmem<FMT, R, NT, P, RS, CW>;
+  using SM = WsSmem<FMT, R, NT, P, RS, CW, SK>;
   float acc[R][NT][4];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -777,10 +850,36 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
     sring = reinterpret_cast<ST*>(abuf + SM::kRingW);
   }
   const int g = lane >> 2, t = lane & 3;
-  const int tt = static_cast<int>(blockIdx.x), rb = static_cast<int>(blockIdx.y);
-  const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
-  const int kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
-  const int nk = static_cast<int>(static_cast<int64_t>(split + 1) * p.nkb / S) - kb0;
+  static_assert(!SK || RS, "stream-K: RS blocks only");
+  // Iterations it0 .. it0+nk-1 of this block: tile it / nkb (token tile fastest), k block
+  // it % nkb. Without SK a block is one tile's K split (grid: token tiles, row blocks, splits).
+  const int tblocks = (p.M + BM - 1) / BM;
+  int64_t it0 = 0, total = 0;
+  int kb0 = 0, nk;
+  if constexpr (SK) {
+    total = static_cast<int64_t>(tblocks) * ((p.n_rt + RT - 1) / RT) * p.nkb;
+    it0 = total * blockIdx.x / gridDim.x;
+    nk = static_cast<int>(total * (blockIdx.x + 1) / gridDim.x - it0);
+  } else {
+    const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
+    kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
+    nk = static_cast<int>(static_cast<int64_t>(split + 1) * p.nkb / S) - kb0;
+  }
+  const int tt = SK ? 0 : static_cast<int>(blockIdx.x), rb = SK ? 0 : static_cast<int>(blockIdx.y);
+  // The k block, token tile and row block of iteration i.
+  auto coords = [&](int i, int& kb, int& tt_i, int& rb_i) {
+    if constexpr (SK) {
+      const int64_t it = it0 + i;
+      const int tile = static_cast<int>(it / p.nkb);
+      kb = static_cast<int>(it - static_cast<int64_t>(tile) * p.nkb);
+      tt_i = tile % tblocks;
+      rb_i = tile / tblocks;
+    } else {
+      kb = kb0 + i;
+      tt_i = tt;
+      rb_i = rb;
+    }
+  };
   // Scale groups a k block spans: 2 when groups are 32 wide, else 1.
   const int sgroups = p.gshift == 5 ? 2 : 1;
   if (tid == 0) {
@@ -807,19 +906,21 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
     const uint32_t bytes = BM * 128 + RT * (512 + sgroups * 8 * sizeof(ST));
     constexpr int kSWords = 8 * sizeof(ST) / 4;  // 32-bit words of one group's scales of a row tile
     for (int i = 0; i < nk; ++i) {
-      const int s = i % P, kb = kb0 + i;
+      const int s = i % P;
+      int kb, tt_i, rb_i;
+      coords(i, kb, tt_i, rb_i);
       if (i >= P) mbar_wait(empty + s, ((i / P) - 1) & 1);
       if (lane == 0) {
         const int gi0 = static_cast<int>(static_cast<unsigned>(kb * 64) >> p.gshift);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + s)), "r"(bytes)
                      : "memory");
-        tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt * BM, full + s, pol, false);
+        tma_load_2d(xring + s * SM::kStageX, &xmap, kb * 64, tt_i * BM, full + s, pol, false);
         if constexpr (RS) {
-          tma_load_3d(wring + s * RT * 32, &wmap, 0, kb * 4, rb * RT, full + s, pol);
+          tma_load_3d(wring + s * RT * 32, &wmap, 0, kb * 4, rb_i * RT, full + s, pol);
         } else {
-          tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb * RT, full + s, pol, true);
+          tma_load_2d(wring + s * RT * 32, &wmap, kb * 128, rb_i * RT, full + s, pol, true);
         }
-        tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb * RT, full + s, pol, true);
+        tma_load_2d(sring + s * RT * 16, &smap, gi0 * kSWords, rb_i * RT, full + s, pol, true);
       }
     }
     }
@@ -831,6 +932,12 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
     if constexpr (SM::kRegMove) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
     const uint32_t* lut_lane = lut + lane;
     uint32_t afr[2][R][4][4];
+    bool seg_owner = true;  // SK: this piece holds its tile's first k block
+    if constexpr (SK) {
+      int kb, tt_i, rb_i;
+      coords(0, kb, tt_i, rb_i);
+      seg_owner = kb == 0;
+    }
     auto step = [&](uint32_t(&a)[R][4][4], int i) {
       const int s = i % P;
       mbar_wait(full + s, (i / P) & 1);
@@ -851,13 +958,32 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
       wgmma_commit_wait<1>();
       mbar_arrive_if(empty + (i + P - 1) % P, i > 0 && lane == 0);
     };
-    int i = 0;
+    // Iterations i0 .. i1-1, the register sets alternating.
+    auto run = [&](int i0, int i1) {
+      int i = i0;
 #pragma unroll 1
-    for (; i + 2 <= nk; i += 2) {
-      step(afr[0], i);
-      step(afr[1], i + 1);
+      for (; i + 2 <= i1; i += 2) {
+        step(afr[0], i);
+        step(afr[1], i + 1);
+      }
+      if (i < i1) step(afr[0], i);
+    };
+    if constexpr (SK) {
+      // One piece of a tile per pass; its wgmmas are all done before the accumulators are
+      // read (a read inside the pipelined loop would serialize every wgmma).
+      for (int i = 0; i < nk;) {
+        int kb, tt_i, rb_i;
+        coords(i, kb, tt_i, rb_i);
+        const int i1 = i + min(nk - i, p.nkb - kb);
+        run(i, i1);
+        wgmma_commit_wait<0>();
+        sk_tile_end<DT, R, NT, CW>(p, acc, seg_owner, kb + (i1 - 1 - i), tt_i, rb_i, total, it0 + i1 - 1, warp, g, t);
+        seg_owner = true;  // (every later piece of the run starts a tile)
+        i = i1;
+      }
+    } else {
+      run(0, nk);
     }
-    if (i < nk) step(afr[0], i);
     wgmma_commit_wait<0>();
     if constexpr (SM::kRegMove) asm volatile("setmaxnreg.dec.sync.aligned.u32 168;" ::: "memory");
   } else {
@@ -886,7 +1012,7 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW>::kThreads, MinBl
   (void)lane;
   __trap();
 #endif
-  store_tile<DT, R, NT, 16 * SM::kRT, SM::kThreads>(p, smem_raw, acc, warp < CW);
+  if constexpr (!SK) store_tile<DT, R, NT, 16 * SM::kRT, SM::kThreads>(p, smem_raw, acc, warp < CW);
 }
 #endif  // LOWBIT_CUDA_SM90A
 
@@ -1009,7 +1135,7 @@ inline int env_int(const char* name) {
 }
 
 inline Params make_params(const W4Args& a) {
-  Params p;
+  Params p{};
   p.x = a.x;
   p.x_row_stride = a.x_row_stride;
   p.w = static_cast<const uint4*>(a.packed_w);
@@ -1138,10 +1264,39 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8>
+// The stream-K workspace of `device` (tuning candidates only: allocated on first use and kept,
+// flags zeroed once; the kernel leaves them zero). A default path would take it from the caller,
+// per stream, so that concurrent calls and graph captures do not share it.
+inline void sk_workspace(int device, size_t partial_bytes, int flags, float** partial, int** flag) {
+  struct Ws {
+    float* partial = nullptr;
+    int* flag = nullptr;
+    size_t bytes = 0;
+    int flags = 0;
+  };
+  static std::mutex mu;
+  static std::map<int, Ws> cache;
+  constexpr const char* fn = "w4_matmul_cuda";
+  std::lock_guard<std::mutex> lock(mu);
+  Ws& w = cache[device];
+  if (w.bytes < partial_bytes || w.flags < flags) {
+    if (w.partial != nullptr) check_cuda(cudaFree(w.partial), fn, "cudaFree");
+    if (w.flag != nullptr) check_cuda(cudaFree(w.flag), fn, "cudaFree");
+    w = Ws{};
+    check_cuda(cudaMalloc(&w.partial, partial_bytes), fn, "cudaMalloc");
+    check_cuda(cudaMalloc(&w.flag, sizeof(int) * flags), fn, "cudaMalloc");
+    check_cuda(cudaMemset(w.flag, 0, sizeof(int) * flags), fn, "cudaMemset");
+    w.bytes = partial_bytes;
+    w.flags = flags;
+  }
+  *partial = w.partial;
+  *flag = w.flag;
+}
+
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS, CW>;
-  using SM = WsSmem<FMT, R, NT, P, RS, CW>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS, CW, SK>;
+  using SM = WsSmem<FMT, R, NT, P, RS, CW, SK>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
@@ -1166,7 +1321,17 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
                    SM::kRT, false)) {
     return false;
   }
-  launch_grid(kernel, info, p, BM, BN, SM::kThreads, SM::kBytes, stream, p, xmap, wmap, smap);
+  if constexpr (SK) {
+    // One block an SM (or as many as there are iterations), no clusters.
+    const int64_t total = (p.M + BM - 1) / BM * ((p.n_rt * 16 + BN - 1) / BN) * int64_t{p.nkb};
+    const int G = static_cast<int>(std::min<int64_t>(int64_t{info.sms} * info.blocks_per_sm, total));
+    Params q = p;
+    sk_workspace(device, sizeof(float) * G * (CW * 32) * (R * NT * 4), G, &q.sk_partial, &q.sk_flag);
+    kernel<<<G, SM::kThreads, SM::kBytes, stream>>>(q, xmap, wmap, smap);
+    check_cuda(cudaGetLastError(), "w4_matmul_cuda", "kernel launch");
+  } else {
+    launch_grid(kernel, info, p, BM, BN, SM::kThreads, SM::kBytes, stream, p, xmap, wmap, smap);
+  }
   return true;
   }
 }
@@ -1283,6 +1448,11 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     // mma.sync tile at M=32 on 28672x8192, behind it on N = 4096 and 8192 (eleventh session;
     // 256 x 64 with 16 warps, once 52/53, lost to 43 and was removed)
     case 54: if (launch_ws<FMT, DT, 1, 4, 8, 1, true, 16>(p, stream)) return; break;
+    // RS stream-K (one block an SM over equal runs of (tile, k block) iterations): 64 tokens x
+    // 256 / 128 rows, 256 tokens x 128 rows
+    case 55: if (launch_ws<FMT, DT, 2, 8, 6, 1, true, 8, true>(p, stream)) return; break;
+    case 56: if (launch_ws<FMT, DT, 1, 8, 8, 1, true, 8, true>(p, stream)) return; break;
+    case 57: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true, 8, true>(p, stream)) return; break;
 #endif
     default: break;
   }
