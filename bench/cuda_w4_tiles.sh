@@ -2,7 +2,7 @@
 # One GPU run for the CUDA 4-bit kernels' tile candidates: a tuning build (every candidate,
 # sm_90a), the CUDA tests of the 4-bit kernels (the candidates in their own process, so that a
 # fault there costs only their results) and the sweeps (bench/cuda_w4_sweep.py): MMA_TILES
-# (default: the M <= 16 candidates) at SWEEP_M, WG_TILES (the large-M wgmma candidates; default the stream-K
+# (default: the M <= 16 candidates) at SWEEP_M, WG_TILES (the large-M wgmma candidates, for WG_FORMATS; default the stream-K
 # ones) at SWEEP_WG_M. TILE_TEST_S bounds the candidate tests. L2AB=1 first runs the
 # L2-policy A/B (bench/l2_ab.sh, CUDA only). Run from the repository root on the GPU machine;
 # logs under $OUT.
@@ -33,7 +33,7 @@ has mma && {
 timeout "${SWEEP_S:-240}" python3 bench/cuda_w4_sweep.py --formats int4 nf4 --m ${SWEEP_M:-1 16 32 64 128 256} --splits \
   --tiles ${MMA_TILES:-0 14 37 38} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles.log"; el sweep; }
 has wg && {
-timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats int4 --m ${SWEEP_WG_M:-64 256 1024} --splits \
+timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats ${WG_FORMATS:-int4} --m ${SWEEP_WG_M:-64 256 1024} --splits \
   --tiles ${WG_TILES:-0 55 56 57} --budget 0.03 --shapes $SHAPES 2>&1 | tee "$OUT/tiles_wg.log"; el "sweep wgmma"; }
 has splits && {
 timeout "${SWEEP_S:-120}" python3 bench/cuda_w4_sweep.py --formats ${SPLIT_FORMATS:-int4 nf4} --m ${SPLIT_M:-1} \

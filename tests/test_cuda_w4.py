@@ -290,6 +290,7 @@ INT4_SHAPES = [  # (M, N, K, G)
     (48, 16400, 256, 64), (64, 8192, 512, 128), (3000, 384, 512, 64),  # the wgmma kernels' 64-token and large-M tiles
     (130, 200, 512, 512), (300, 8200, 1024, 1024),  # one group a row on the wgmma kernels
     (100, 8200, 512, 32), (48, 12000, 512, 128), (90, 3000, 1024, 64),  # the register-A (RS) wgmma paths
+    (40, 8192, 16384, 128), (300, 12800, 512, 64),  # stream-K: all split; whole tiles, then split (on 132 SMs)
 ]
 
 
@@ -315,6 +316,7 @@ NF4_SHAPES = [  # (M, N, K, blocksize)
     (47, 512, 640, 128), (64, 1024, 1024, 64), (129, 256, 256, 64), (300, 1024, 512, 128),
     (1024, 512, 1024, 64), (4096, 256, 512, 64), (40, 9000, 256, 64), (2050, 256, 512, 64), (200, 128, 1024, 1024),
     (100, 8200, 512, 64), (48, 12000, 512, 128), (90, 3000, 1024, 64), (60, 17000, 256, 64),  # RS wgmma paths
+    (40, 8192, 16384, 64), (300, 12800, 512, 64),  # stream-K
 ]
 
 
@@ -437,9 +439,10 @@ def test_activation_layouts_and_bias_dtypes():
 
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
-@pytest.mark.parametrize("m", [1, 16, 48])
-def test_streams_and_cuda_graphs(fmt, m):
-    n, k = 1024, 2048
+@pytest.mark.parametrize("m,n,k", [(1, 1024, 2048), (16, 1024, 2048), (48, 1024, 2048), (300, 12800, 512)])
+def test_streams_and_cuda_graphs(fmt, m, n, k):
+    # (300 x 12800: the stream-K kernel on Hopper, whose workspace is made for the capture stream
+    # inside the capture)
     if fmt == "int4":
         qweight, scales, zeros = make_int4(n, k, 128, True, scale_dtype=torch.bfloat16, device="cuda")
         run = lambda x: lowbit.ops.int4_matmul(x, qweight, scales, zeros, 128)  # noqa: E731

@@ -37,6 +37,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -714,67 +715,143 @@ __device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned cha
   }
 }
 
-// SK (stream-K) end of a block's piece of a tile, by the CW consumer warps (named barrier 1):
-// a piece without the tile's first k block parks its fp32 accumulators in the block's partial
-// slot and raises its flag; the piece with it waits for the flags of the later blocks that hold
-// the rest of the tile (iterations up to `last` of the tile), adds their partials in block
-// order, clears their flags, adds the bias and stores. The accumulators are zeroed for the next
-// piece. `it` is the piece's last iteration; `total` the grid's iteration count.
+// SK (stream-K) schedule of one block (w4_ws_kernel<..., SK>). The G = gridDim.x blocks (all
+// resident: one an SM) first take whole tiles as in a plain grid, tile b + w*G in wave w, so that
+// neighbouring blocks work on the token tiles of one row block together (the weights are read
+// from DRAM once); the tiles left after the full waves (at least half a wave: one full wave
+// joins them when fewer are left) are split evenly by (tile, k block) iteration, each block a
+// run of them, block G-1 first. A tile so split is finished by the block holding its first k
+// block, at the end of its run; the rest of the tile lies at the start of the runs of LOWER
+// blocks (dispatched earlier, so it never waits on a block that is not running yet).
+struct SkPlan {
+  int tblocks, nkb, G, b, dp_tiles;  // dp_tiles: the tiles of the full waves (dp_tiles / G each)
+  int64_t total, j0;                 // iterations of the split part; this block's first one
+  int dp_n, nk;                      // this block's whole-tile iterations; all its iterations
+  SkPlan() = default;
+  __device__ SkPlan(const Params& p, int bm, int rt) {
+    tblocks = (p.M + bm - 1) / bm;
+    nkb = p.nkb;
+    G = static_cast<int>(gridDim.x);
+    b = static_cast<int>(blockIdx.x);
+    const int tiles = tblocks * ((p.n_rt + rt - 1) / rt);
+    int waves = tiles / G;
+    if (waves > 0 && 2 * (tiles - waves * G) < G && tiles != waves * G) --waves;
+    dp_tiles = waves * G;
+    total = static_cast<int64_t>(tiles - dp_tiles) * nkb;
+    j0 = start(b);
+    dp_n = waves * nkb;
+    nk = dp_n + static_cast<int>(start(b - 1) - j0);
+  }
+  // First split iteration of block q (block G-1 holds the first run; start(-1) = total).
+  __device__ int64_t start(int q) const { return total * (G - 1 - q) / G; }
+  // The k block, token tile and row block of this block's iteration i.
+  __device__ void coords(int i, int& kb, int& tt, int& rb) const {
+    int tile;
+    if (i < dp_n) {
+      const int w = i / nkb;
+      kb = i - w * nkb;
+      tile = b + w * G;
+    } else {
+      const int64_t j = j0 + (i - dp_n);
+      const int64_t ts = j / nkb;
+      kb = static_cast<int>(j - ts * nkb);
+      tile = dp_tiles + static_cast<int>(ts);
+    }
+    tt = tile % tblocks;
+    rb = tile / tblocks;
+  }
+};
+
+// SK end of a block's piece of a tile (iterations i0 .. i1-1 of the block, the tile's k blocks
+// kb0 .. kb1), by the CW consumer warps (named barrier 1): a piece without the tile's first k
+// block (only ever a block's first split piece) parks its fp32 accumulators in the block's
+// partial slot and raises its flag; the piece with it waits for the flags of the lower blocks
+// holding the rest of the tile, adds their partials, clears their flags, adds the bias and
+// stores. The accumulators are zeroed for the next piece.
 template <int DT, int R, int NT, int CW>
-__device__ __forceinline__ void sk_tile_end(const Params& p, float (&acc)[R][NT][4], bool owner, int kb, int tt, int rb,
-                                            int64_t total, int64_t it, int warp, int g, int t) {
+__device__ __forceinline__ void sk_tile_end(const Params& p, const SkPlan& sk, float (&acc)[R][NT][4], int i1, int kb0,
+                                            int kb1, int tt, int rb, int warp, int g, int t) {
   // (The accumulators are only read inside the branches: a write there would make ptxas put a
   // warpgroup arrive on a divergent path and serialize every wgmma of the kernel.)
-  constexpr int kThrC = CW * 32, kE = R * NT * 4;
-  const int tid = warp * 32 + g * 4 + t, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
-  const float* a = &acc[0][0][0];
-  auto slot = [&](int q) { return p.sk_partial + static_cast<int64_t>(q) * kE * kThrC + tid; };
-  if (!owner) {
-    float* mine = slot(b);
+  constexpr int kThrC = CW * 32, kF = R * NT;  // float4 fragments a thread
+  const int tid = warp * 32 + g * 4 + t;
+  // Block q's slot: [fragment][thread] float4s (a warp's access is 512 contiguous bytes).
+  auto slot = [&](int q, int f) {
+    return reinterpret_cast<float4*>(p.sk_partial) + (static_cast<int64_t>(q) * kF + f) * kThrC + tid;
+  };
+  if (kb0 != 0) {
 #pragma unroll
-    for (int e = 0; e < kE; ++e) mine[static_cast<int64_t>(e) * kThrC] = a[e];
+    for (int f = 0; f < kF; ++f) {
+      const float* a = &acc[f / NT][f % NT][0];
+      *slot(sk.b, f) = make_float4(a[0], a[1], a[2], a[3]);
+    }
     __threadfence();
     asm volatile("bar.sync 1, %0;" ::"r"(kThrC) : "memory");
-    if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.sk_flag + b), "r"(1) : "memory");
+    if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.sk_flag + sk.b), "r"(1) : "memory");
   } else {
-    int q1 = b + 1;  // the tile goes on in blocks b+1 .. q1-1 (up to its last iteration `last`)
-    if (kb != p.nkb - 1) {
-      const int64_t last = it + (p.nkb - 1 - kb);
-      for (; q1 < G && total * q1 / G <= last; ++q1) {
+    // The tile's later k blocks: blocks b-1, b-2, ... whose runs start at or before its last
+    // iteration (a block with an empty run holds nothing).
+    int q1 = sk.b;  // blocks q1 .. b-1 hold the rest
+    if (kb1 != sk.nkb - 1) {
+      const int64_t last = sk.j0 + (i1 - 1 - sk.dp_n) + (sk.nkb - 1 - kb1);
+      for (int q = sk.b - 1; q >= 0 && sk.start(q) <= last; --q) {
+        q1 = q;
+        if (sk.start(q - 1) == sk.start(q)) continue;
         uint32_t f = 0;
         do {
-          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.sk_flag + q1) : "memory");
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.sk_flag + q) : "memory");
         } while (f == 0);
       }
     }
     using A = Act<DT>;
     const int m_valid = min(8 * NT, p.M - tt * 8 * NT);
+    // Eight fragments at a time, every partial's loads of them in flight together.
+    constexpr int kC = kF % 8 == 0 ? 8 : kF;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int row = rb * (16 * R * CW) + (warp * R + r) * 16 + g;
+    for (int f0 = 0; f0 < kF; f0 += kC) {
+      float4 v[kC];
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
+      for (int f = 0; f < kC; ++f) {
+        const float* a = &acc[(f0 + f) / NT][(f0 + f) % NT][0];
+        v[f] = make_float4(a[0], a[1], a[2], a[3]);
+      }
+      for (int q = q1; q < sk.b; ++q) {
+        if (sk.start(q - 1) == sk.start(q)) continue;
+        float4 u[kC];
+#pragma unroll
+        for (int f = 0; f < kC; ++f) u[f] = __ldcg(slot(q, f0 + f));
+#pragma unroll
+        for (int f = 0; f < kC; ++f) {
+          v[f].x += u[f].x;
+          v[f].y += u[f].y;
+          v[f].z += u[f].z;
+          v[f].w += u[f].w;
+        }
+      }
+#pragma unroll
+      for (int f = 0; f < kC; ++f) {
+        const int r = (f0 + f) / NT, n = (f0 + f) % NT, row = rb * (16 * R * CW) + (warp * R + r) * 16 + g;
+        const float vv[4] = {v[f].x, v[f].y, v[f].z, v[f].w};
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int e = (r * NT + n) * 4 + c, tok = 8 * n + 2 * t + (c & 1), grow = row + 8 * (c >> 1);
-          float v = a[e];
-          for (int q = b + 1; q < q1; ++q) v += slot(q)[static_cast<int64_t>(e) * kThrC];
+          const int tok = 8 * n + 2 * t + (c & 1), grow = row + 8 * (c >> 1);
           if (tok < m_valid && grow < p.N) {
-            if (p.bias != nullptr) v += load_as_float(p.bias, grow, p.bias_dtype);
-            static_cast<uint16_t*>(p.out)[static_cast<int64_t>(tt * 8 * NT + tok) * p.N + grow] = A::from_float(v);
+            float o = vv[c];
+            if (p.bias != nullptr) o += load_as_float(p.bias, grow, p.bias_dtype);
+            static_cast<uint16_t*>(p.out)[static_cast<int64_t>(tt * 8 * NT + tok) * p.N + grow] = A::from_float(o);
           }
         }
       }
     }
-    if (q1 > b + 1) {
+    if (q1 < sk.b) {
       asm volatile("bar.sync 1, %0;" ::"r"(kThrC) : "memory");  // every partial read: clear the flags
       if (tid == 0) {
-        for (int q = b + 1; q < q1; ++q) p.sk_flag[q] = 0;
+        for (int q = q1; q < sk.b; ++q) p.sk_flag[q] = 0;
       }
     }
   }
 #pragma unroll
-  for (int e = 0; e < kE; ++e) acc[e / (NT * 4)][(e / 4) % NT][e % 4] = 0.0f;
+  for (int e = 0; e < R * NT * 4; ++e) acc[e / (NT * 4)][(e / 4) % NT][e % 4] = 0.0f;
 }
 
 // RS: the A operand from registers (see w4_ws_kernel); no weight tile buffers, and the rings
@@ -851,15 +928,13 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK>::kThreads, M
   }
   const int g = lane >> 2, t = lane & 3;
   static_assert(!SK || RS, "stream-K: RS blocks only");
-  // Iterations it0 .. it0+nk-1 of this block: tile it / nkb (token tile fastest), k block
-  // it % nkb. Without SK a block is one tile's K split (grid: token tiles, row blocks, splits).
-  const int tblocks = (p.M + BM - 1) / BM;
-  int64_t it0 = 0, total = 0;
+  // Without SK a block is one tile's K split (grid: token tiles, row blocks, splits); with SK
+  // its iterations are those of SkPlan.
+  SkPlan sk;
   int kb0 = 0, nk;
   if constexpr (SK) {
-    total = static_cast<int64_t>(tblocks) * ((p.n_rt + RT - 1) / RT) * p.nkb;
-    it0 = total * blockIdx.x / gridDim.x;
-    nk = static_cast<int>(total * (blockIdx.x + 1) / gridDim.x - it0);
+    sk = SkPlan(p, BM, RT);
+    nk = sk.nk;
   } else {
     const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
     kb0 = static_cast<int>(static_cast<int64_t>(split) * p.nkb / S);
@@ -869,11 +944,7 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK>::kThreads, M
   // The k block, token tile and row block of iteration i.
   auto coords = [&](int i, int& kb, int& tt_i, int& rb_i) {
     if constexpr (SK) {
-      const int64_t it = it0 + i;
-      const int tile = static_cast<int>(it / p.nkb);
-      kb = static_cast<int>(it - static_cast<int64_t>(tile) * p.nkb);
-      tt_i = tile % tblocks;
-      rb_i = tile / tblocks;
+      sk.coords(i, kb, tt_i, rb_i);
     } else {
       kb = kb0 + i;
       tt_i = tt;
@@ -932,12 +1003,6 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK>::kThreads, M
     if constexpr (SM::kRegMove) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
     const uint32_t* lut_lane = lut + lane;
     uint32_t afr[2][R][4][4];
-    bool seg_owner = true;  // SK: this piece holds its tile's first k block
-    if constexpr (SK) {
-      int kb, tt_i, rb_i;
-      coords(0, kb, tt_i, rb_i);
-      seg_owner = kb == 0;
-    }
     auto step = [&](uint32_t(&a)[R][4][4], int i) {
       const int s = i % P;
       mbar_wait(full + s, (i / P) & 1);
@@ -977,8 +1042,7 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK>::kThreads, M
         const int i1 = i + min(nk - i, p.nkb - kb);
         run(i, i1);
         wgmma_commit_wait<0>();
-        sk_tile_end<DT, R, NT, CW>(p, acc, seg_owner, kb + (i1 - 1 - i), tt_i, rb_i, total, it0 + i1 - 1, warp, g, t);
-        seg_owner = true;  // (every later piece of the run starts a tile)
+        sk_tile_end<DT, R, NT, CW>(p, sk, acc, i1, kb, kb + (i1 - 1 - i), tt_i, rb_i, warp, g, t);
         i = i1;
       }
     } else {
@@ -1264,10 +1328,15 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
 // GPU, or activations TMA cannot read (the caller then takes another kernel).
-// The stream-K workspace of `device` (tuning candidates only: allocated on first use and kept,
-// flags zeroed once; the kernel leaves them zero). A default path would take it from the caller,
-// per stream, so that concurrent calls and graph captures do not share it.
-inline void sk_workspace(int device, size_t partial_bytes, int flags, float** partial, int** flag) {
+// The stream-K workspace of `stream` on `device` (the fp32 partial slots and the flags, zero
+// between calls: each call leaves them so): one a stream, as cuBLAS keeps its workspace, so that
+// calls on different streams never share one. Made on first use, also inside a CUDA graph
+// capture (the allocation in relaxed capture mode, the flags zeroed on a private stream, neither
+// captured), and never freed: a captured graph keeps using the one it was captured with (so two
+// graphs captured on one stream must not be replayed concurrently). A larger request replaces a
+// stream's workspace and keeps the old one alive.
+inline void sk_workspace(int device, cudaStream_t stream, size_t partial_bytes, int flags, float** partial,
+                         int** flag) {
   struct Ws {
     float* partial = nullptr;
     int* flag = nullptr;
@@ -1275,19 +1344,26 @@ inline void sk_workspace(int device, size_t partial_bytes, int flags, float** pa
     int flags = 0;
   };
   static std::mutex mu;
-  static std::map<int, Ws> cache;
+  static std::map<std::pair<int, cudaStream_t>, Ws> cache;
   constexpr const char* fn = "w4_matmul_cuda";
   std::lock_guard<std::mutex> lock(mu);
-  Ws& w = cache[device];
+  Ws& w = cache[{device, stream}];
   if (w.bytes < partial_bytes || w.flags < flags) {
-    if (w.partial != nullptr) check_cuda(cudaFree(w.partial), fn, "cudaFree");
-    if (w.flag != nullptr) check_cuda(cudaFree(w.flag), fn, "cudaFree");
-    w = Ws{};
-    check_cuda(cudaMalloc(&w.partial, partial_bytes), fn, "cudaMalloc");
-    check_cuda(cudaMalloc(&w.flag, sizeof(int) * flags), fn, "cudaMalloc");
-    check_cuda(cudaMemset(w.flag, 0, sizeof(int) * flags), fn, "cudaMemset");
-    w.bytes = partial_bytes;
-    w.flags = flags;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), fn, "cudaThreadExchangeStreamCaptureMode");
+    Ws n;
+    n.bytes = std::max(partial_bytes, w.bytes);
+    n.flags = std::max(flags, w.flags);
+    cudaStream_t init = nullptr;
+    cudaError_t e = cudaMalloc(&n.partial, n.bytes);
+    if (e == cudaSuccess) e = cudaMalloc(&n.flag, sizeof(int) * n.flags);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&init, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaMemsetAsync(n.flag, 0, sizeof(int) * n.flags, init);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(init);
+    if (init != nullptr) cudaStreamDestroy(init);
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    check_cuda(e, fn, "stream-K workspace");
+    w = n;  // (the previous one stays allocated: graphs may hold it)
   }
   *partial = w.partial;
   *flag = w.flag;
@@ -1326,7 +1402,7 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
     const int64_t total = (p.M + BM - 1) / BM * ((p.n_rt * 16 + BN - 1) / BN) * int64_t{p.nkb};
     const int G = static_cast<int>(std::min<int64_t>(int64_t{info.sms} * info.blocks_per_sm, total));
     Params q = p;
-    sk_workspace(device, sizeof(float) * G * (CW * 32) * (R * NT * 4), G, &q.sk_partial, &q.sk_flag);
+    sk_workspace(device, stream, sizeof(float) * G * (CW * 32) * (R * NT * 4), G, &q.sk_partial, &q.sk_flag);
     kernel<<<G, SM::kThreads, SM::kBytes, stream>>>(q, xmap, wmap, smap);
     check_cuda(cudaGetLastError(), "w4_matmul_cuda", "kernel launch");
   } else {
@@ -1359,6 +1435,23 @@ bool short_splits(const Params& p) {
   const KernelInfo info = kernel_info(w4_mma_kernel<FMT, DT, 4, 2, 1, P, kRegX, 0>, device, 128,
                                       Smem<FMT, 4, 2, 1, P, kRegX>::kBytes);
   return p.nkb / choose_split(info, (p.n_rt * 16 + 127) / 128, p.nkb) <= 4;
+}
+
+// True if a grid of bm x bn tiles (one block an SM) fills at least one wave and leaves over 10%
+// of its SM-waves idle in the last one: there stream-K (whole tiles first, the rest split by k
+// block) keeps every SM busy to the end.
+inline bool last_wave_idle(const Params& p, int bm, int bn) {
+  static std::atomic<int> sms[64] = {};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
+  int n = sms[device & 63].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "w4_matmul_cuda",
+               "cudaDeviceGetAttribute");
+    sms[device & 63].store(n, std::memory_order_relaxed);
+  }
+  const int64_t tiles = int64_t{(p.M + bm - 1) / bm} * ((p.N + bn - 1) / bn), waves = (tiles + n - 1) / n;
+  return tiles >= n && tiles * 10 < waves * n * 9;
 }
 
 // Tile configurations, by the number of tokens and rows: the only ones compiled (a build with
@@ -1463,8 +1556,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   // us int4 / nf4 before -> after):
   //   * 33-64 tokens, 64-token blocks: 256 rows, RS, on N >= 16384 (28672x8192 97.5 -> 76.9 /
   //     112.9 -> 89.0); 128 rows, RS, on 8192 <= N < 16384 (14336x4096 35.0 -> 30.9 / 38.4 ->
-  //     32.5; 8192x28672 nf4 116.5 -> 97.6, but int4 stays on the shared-memory tile: 103.2 vs
-  //     116.3); 128 rows, RS, two blocks an SM, on N < 8192 (4096x14336 45.7 -> 38.3 / 50.3 ->
+  //     32.5), but stream-K blocks of 256 rows on the long K >= 16384 there (twelfth session:
+  //     8192x28672 int4 105.5 -> 83.9 us, the 32 row blocks split by k block over every SM);
+  //     128 rows, RS, two blocks an SM, on N < 8192 (4096x14336 45.7 -> 38.3 / 50.3 ->
   //     41.6; 4096^2 21.5 -> 21.2 / 26.8 -> 23.2; was the mma.sync tile);
   //   * 65-128 tokens: 128-token blocks of 128 rows, RS, on N >= 8192 (8192x28672 129.7 ->
   //     115.2 / 136.9 -> 124.2; 28672x8192 128.1 -> 127.1 / 134.2 -> 137.6, was 256 rows); on
@@ -1473,13 +1567,16 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   //   * beyond (against the 64-token mma.sync tiles: M=256 400 -> 200 us, M=1024 1405 -> 694
   //     us): 128-token blocks up to 256 on short weights (N < 8192), where 256-token blocks
   //     leave SMs idle; else 256-token blocks (5 stages for int4; nf4's table leaves room for
-  //     4). (RS blocks of 256 tokens would need more than 168 registers a thread.)
+  //     4), stream-K where the last wave would leave SMs idle and K <= 8192 (twelfth session,
+  //     int4: 14336x4096 M=1024 202.8 -> 190.3 us, 28672x8192 M=256 186.0 -> 176.7; on long K the
+  //     blocks' scattered k positions lose the activations' L2 reuse: 8192x28672 M=1024 603 ->
+  //     829). (RS blocks of 256 tokens get registers moved from the producer warpgroup.)
   if (p.M > 32 && p.M <= 64) {
     if (p.N >= 16384) {
       if (launch_ws<FMT, DT, 2, 8, 6, 1, true>(p, stream)) return;
     } else if (p.N >= 8192) {
-      if (FMT == kW4Int4 && p.K >= 16384) {
-        if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
+      if (p.K >= 16384) {
+        if (launch_ws<FMT, DT, 2, 8, 6, 1, true, 8, true>(p, stream)) return;
       } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) {
         return;
       }
@@ -1499,6 +1596,8 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   } else if (p.M > 128) {
     if (p.M <= 256 && p.N < 8192) {
       if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return;
+    } else if (p.K <= 8192 && last_wave_idle(p, 256, 128)) {
+      if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true, 8, true>(p, stream)) return;
     } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true>(p, stream)) {
       return;
     }
