@@ -856,7 +856,7 @@ __device__ __forceinline__ void sk_tile_end(const Params& p, const SkPlan& sk, f
 
 // RS: the A operand from registers (see w4_ws_kernel); no weight tile buffers, and the rings
 // start at a 1024-byte boundary (activations, then weights, then scales).
-template <int FMT, int R, int NT, int P, bool RS = false, int CW = 8, bool SK = false>
+template <int FMT, int R, int NT, int P, bool RS = false, int CW = 8, bool SK = false, bool Move = false>
 struct WsSmem {
   using ST = typename ScaleT<FMT>::type;
   static constexpr int kRT = CW * R;  // row tiles a block (CW consumer warps)
@@ -867,10 +867,11 @@ struct WsSmem {
   static constexpr int kStageX = 8 * NT * 128;                       // [8NT tokens][64 k], 128-byte swizzle
   static constexpr int kABuf = RS ? 0 : 2 * kRT * 16 * 128;          // two [128R rows][64 k] fp16 tiles
   // RS blocks whose accumulators and two fragment sets exceed 128 registers (or 96 with the
-  // stream-K epilogue) take a whole producer warpgroup (384 threads) so that registers move to
-  // the consumers (setmaxnreg: 232 each, 40 for the producer's warpgroup); else CW consumer
-  // warps + 1.
-  static constexpr bool kRegMove = RS && R * NT * 4 + 2 * R * 16 > (SK ? 96 : 128);
+  // stream-K epilogue; or any, with Move) take a whole producer warpgroup (384 threads) so that
+  // registers move to the consumers (setmaxnreg: 232 each, 40 for the producer's warpgroup);
+  // else CW consumer warps + 1. (Stream-K 256 x 64 blocks: 81.7 us with the move, 97.6 without,
+  // on 28672x8192 M=64.)
+  static constexpr bool kRegMove = RS && (Move || R * NT * 4 + 2 * R * 16 > (SK ? 96 : 128));
   static constexpr int kThreads = kRegMove ? 384 : 32 * (CW + 1);
   static_assert(CW == 8 || (RS && CW == 16 && !kRegMove), "16 consumer warps: RS blocks only");
   static_assert(!RS || R * NT * 4 + 2 * R * 16 <= 192, "RS: accumulators + two fragment sets in 232 registers");
@@ -894,12 +895,13 @@ struct WsSmem {
 // holding its first k blocks, which waits for the later blocks' flags (their pieces are at the
 // start of their runs, and every block is resident: no cycle), adds their partials in block
 // order and clears the flags. The epilogue goes from registers (the rings stay in use).
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false>
-__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false,
+          bool Move = false>
+__global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK, Move>::kThreads, MinBlocks) w4_ws_kernel(const Params p, const __grid_constant__ CUtensorMap xmap,
                                                       const __grid_constant__ CUtensorMap wmap,
                                                       const __grid_constant__ CUtensorMap smap) {
   using ST = typename ScaleT<FMT>::type;
-  using SM = WsSmem<FMT, R, NT, P, RS, CW, SK>;
+  using SM = WsSmem<FMT, R, NT, P, RS, CW, SK, Move>;
   float acc[R][NT][4];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -1369,10 +1371,11 @@ inline void sk_workspace(int device, cudaStream_t stream, size_t partial_bytes, 
   *flag = w.flag;
 }
 
-template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false>
+template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false,
+          bool Move = false>
 bool launch_ws(const Params& p, cudaStream_t stream) {
-  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS, CW, SK>;
-  using SM = WsSmem<FMT, R, NT, P, RS, CW, SK>;
+  auto kernel = w4_ws_kernel<FMT, DT, R, NT, P, MinBlocks, RS, CW, SK, Move>;
+  using SM = WsSmem<FMT, R, NT, P, RS, CW, SK, Move>;
   constexpr int BN = 16 * SM::kRT, BM = 8 * NT;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "w4_matmul_cuda", "cudaGetDevice");
@@ -1546,6 +1549,10 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     case 55: if (launch_ws<FMT, DT, 2, 8, 6, 1, true, 8, true>(p, stream)) return; break;
     case 56: if (launch_ws<FMT, DT, 1, 8, 8, 1, true, 8, true>(p, stream)) return; break;
     case 57: if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true, 8, true>(p, stream)) return; break;
+    // 43, 45 and 48 with registers moved to the consumers (as the stream-K 55 has)
+    case 58: if (launch_ws<FMT, DT, 2, 8, 6, 1, true, 8, false, true>(p, stream)) return; break;
+    case 59: if (launch_ws<FMT, DT, 1, 8, 8, 1, true, 8, false, true>(p, stream)) return; break;
+    case 60: if (launch_ws<FMT, DT, 1, 16, 8, 1, true, 8, false, true>(p, stream)) return; break;
 #endif
     default: break;
   }
