@@ -1559,8 +1559,12 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
 #endif
 #if defined(LOWBIT_CUDA_SM90A)
   // Hopper: the warp-specialized wgmma kernel where it wins (measured on an H100; not taken,
-  // false, where TMA cannot read the activations). RS = A from registers (eleventh session,
-  // us int4 / nf4 before -> after):
+  // false, where TMA cannot read the activations). RS = A from registers; "move" = registers
+  // moved from the producer warpgroup (232 a consumer), which the twelfth session measured
+  // faster for the 128-row blocks of 64 and 128 tokens (tile 59: int4 M=64 14336x4096 30.3 ->
+  // 28.2 us, M=128 4096x14336 57.9 -> 45.6 and 4096^2 25.2 -> 20.7, nf4 alike but smaller;
+  // tile 60: M=256 4096^2 27.9 -> 26.3, 4096x14336 59.3 -> 57.8 / nf4 67.9 -> 65.9) but not
+  // for the 256-row ones (tile 58 = 43). Eleventh session, us int4 / nf4 before -> after:
   //   * 33-64 tokens, 64-token blocks: 256 rows, RS, on N >= 16384 (28672x8192 97.5 -> 76.9 /
   //     112.9 -> 89.0); 128 rows, RS, on 8192 <= N < 16384 (14336x4096 35.0 -> 30.9 / 38.4 ->
   //     32.5), but stream-K blocks of 256 rows on the long K >= 16384 there (twelfth session:
@@ -1570,7 +1574,7 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
   //   * 65-128 tokens: 128-token blocks of 128 rows, RS, on N >= 8192 (8192x28672 129.7 ->
   //     115.2 / 136.9 -> 124.2; 28672x8192 128.1 -> 127.1 / 134.2 -> 137.6, was 256 rows); on
   //     N < 8192 64-token blocks (4096x14336 72.3 -> 56.1 int4 shared-memory tile, 77.2 -> 52.4
-  //     nf4 RS);
+  //     nf4 RS; both RS with the move since the twelfth session);
   //   * beyond (against the 64-token mma.sync tiles: M=256 400 -> 200 us, M=1024 1405 -> 694
   //     us): 128-token blocks up to 256 on short weights (N < 8192), where 256-token blocks
   //     leave SMs idle; else 256-token blocks (5 stages for int4; nf4's table leaves room for
@@ -1584,7 +1588,7 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     } else if (p.N >= 8192) {
       if (p.K >= 16384) {
         if (launch_ws<FMT, DT, 2, 8, 6, 1, true, 8, true>(p, stream)) return;
-      } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) {
+      } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true, 8, false, true>(p, stream)) {
         return;
       }
     } else if (launch_ws<FMT, DT, 1, 8, 4, 2, true>(p, stream)) {
@@ -1594,15 +1598,13 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     if (p.N >= 16384) {
       if (launch_ws<FMT, DT, 2, 16, 4, 1, true>(p, stream)) return;
     } else if (p.N >= 8192) {
-      if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return;
-    } else if (FMT == kW4Int4) {
-      if (launch_ws<FMT, DT, 1, 8, 8>(p, stream)) return;
-    } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true>(p, stream)) {
+      if (launch_ws<FMT, DT, 1, 16, 8, 1, true, 8, false, true>(p, stream)) return;
+    } else if (launch_ws<FMT, DT, 1, 8, 8, 1, true, 8, false, true>(p, stream)) {
       return;
     }
   } else if (p.M > 128) {
     if (p.M <= 256 && p.N < 8192) {
-      if (launch_ws<FMT, DT, 1, 16, 8, 1, true>(p, stream)) return;
+      if (launch_ws<FMT, DT, 1, 16, 8, 1, true, 8, false, true>(p, stream)) return;
     } else if (p.K <= 8192 && last_wave_idle(p, 256, 128)) {
       if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true, 8, true>(p, stream)) return;
     } else if (launch_ws<FMT, DT, 1, 32, FMT == kW4NF4 ? 4 : 5, 1, true>(p, stream)) {
