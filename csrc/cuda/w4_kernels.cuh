@@ -1335,9 +1335,11 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 // calls on different streams never share one. Made on first use, also inside a CUDA graph
 // capture (the allocation in relaxed capture mode, the flags zeroed on a private stream, neither
 // captured), and never freed: a captured graph keeps using the one it was captured with (so two
-// graphs captured on one stream must not be replayed concurrently). A larger request replaces a
-// stream's workspace and keeps the old one alive.
-inline void sk_workspace(int device, cudaStream_t stream, size_t partial_bytes, int flags, float** partial,
+// graphs captured on one stream must not be replayed concurrently). The first is made for the
+// largest default block (`sms` slots of 128 KB: 32 fragments x 256 threads x 16 bytes, ~17 MB on
+// an H100) so that it does not grow; a larger request (a tuning candidate) replaces a stream's
+// workspace and keeps the old one alive.
+inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partial_bytes, int flags, float** partial,
                          int** flag) {
   struct Ws {
     float* partial = nullptr;
@@ -1354,8 +1356,8 @@ inline void sk_workspace(int device, cudaStream_t stream, size_t partial_bytes, 
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), fn, "cudaThreadExchangeStreamCaptureMode");
     Ws n;
-    n.bytes = std::max(partial_bytes, w.bytes);
-    n.flags = std::max(flags, w.flags);
+    n.bytes = std::max({partial_bytes, w.bytes, static_cast<size_t>(sms) * (128 << 10)});
+    n.flags = std::max({flags, w.flags, sms});
     cudaStream_t init = nullptr;
     cudaError_t e = cudaMalloc(&n.partial, n.bytes);
     if (e == cudaSuccess) e = cudaMalloc(&n.flag, sizeof(int) * n.flags);
@@ -1405,7 +1407,7 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
     const int64_t total = (p.M + BM - 1) / BM * ((p.n_rt * 16 + BN - 1) / BN) * int64_t{p.nkb};
     const int G = static_cast<int>(std::min<int64_t>(int64_t{info.sms} * info.blocks_per_sm, total));
     Params q = p;
-    sk_workspace(device, stream, sizeof(float) * G * (CW * 32) * (R * NT * 4), G, &q.sk_partial, &q.sk_flag);
+    sk_workspace(device, stream, info.sms, sizeof(float) * G * (CW * 32) * (R * NT * 4), G, &q.sk_partial, &q.sk_flag);
     kernel<<<G, SM::kThreads, SM::kBytes, stream>>>(q, xmap, wmap, smap);
     check_cuda(cudaGetLastError(), "w4_matmul_cuda", "kernel launch");
   } else {
