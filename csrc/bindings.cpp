@@ -356,6 +356,8 @@ PYBIND11_MODULE(_C, m) {
            "n_pad"_a, "k_pad"_a, "group_size"_a, "num_groups"_a)
       .def("__call__", &lowbit::cuda::W4Plan::operator(), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &lowbit::cuda::W4Plan::device);
+  m.def("w4_sk_plan_check", &lowbit::cuda::w4_sk_plan_check, "tblocks"_a, "nrb"_a, "nkb"_a, "G"_a,
+        "Host check of the large-M kernel's stream-K partition: '' if it holds, else what failed.");
   m.def("w4_fused_large_m_cuda", &lowbit::cuda::w4_fused_large_m, "device"_a,
         "True if w4_matmul_cuda has its large-M tensor-core kernel on this GPU (sm_90a build on Hopper).");
 #endif

@@ -226,6 +226,26 @@ def test_w4_plan_passes_the_kernel_only_what_it_checked(monkeypatch):
                 assert ptr == xi.data_ptr()
 
 
+def test_stream_k_partition_as_the_kernel_walks_it():
+    # Host-side, no GPU: the large-M kernel's stream-K schedule (csrc/cuda/w4_sk_plan.h) covers
+    # every (tile, k block) once, with one owner a tile adding exactly the partials parked for it,
+    # waiting only on lower blocks; for all-split, whole-waves-then-split and exact-wave grids.
+    if not _native.has("w4_sk_plan_check"):
+        pytest.skip("built without CUDA")
+    check = _native.C.w4_sk_plan_check
+    cases = [(1, 112, 128, 132), (4, 112, 64, 132), (1, 16, 64, 132), (4, 224, 128, 132), (4, 32, 448, 132),
+             (1, 1, 1, 1), (3, 5, 17, 7), (2, 66, 4, 132), (1, 132, 9, 132), (5, 53, 3, 132), (1, 1, 500, 132)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        tb, nrb, nkb = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (9, 300, 200))
+        g = min(int(torch.randint(1, 300, (1,), generator=gen)), tb * nrb * nkb)
+        cases.append((tb, nrb, nkb, g))
+    for tb, nrb, nkb, g in cases:
+        assert check(tb, nrb, nkb, g) == "", (tb, nrb, nkb, g, check(tb, nrb, nkb, g))
+    assert "above the iterations" in check(1, 1, 4, 5)
+    assert "must be >= 1" in check(0, 1, 1, 1)
+
+
 def test_raw_functions_reject_bad_arguments():
     if not _native.has("w4_matmul_cuda"):
         pytest.skip("built without CUDA")

@@ -48,6 +48,7 @@
 #include "../common/w4_matmul.h"
 #include "cuda_util.h"
 #include "w4_launch.h"
+#include "w4_sk_plan.h"
 #include "wgmma_ops.cuh"
 
 namespace lowbit {
@@ -715,53 +716,6 @@ __device__ __forceinline__ void frags_rs(uint32_t (&a)[4][4], const unsigned cha
   }
 }
 
-// SK (stream-K) schedule of one block (w4_ws_kernel<..., SK>). The G = gridDim.x blocks (all
-// resident: one an SM) first take whole tiles as in a plain grid, tile b + w*G in wave w, so that
-// neighbouring blocks work on the token tiles of one row block together (the weights are read
-// from DRAM once); the tiles left after the full waves (at least half a wave: one full wave
-// joins them when fewer are left) are split evenly by (tile, k block) iteration, each block a
-// run of them, block G-1 first. A tile so split is finished by the block holding its first k
-// block, at the end of its run; the rest of the tile lies at the start of the runs of LOWER
-// blocks (dispatched earlier, so it never waits on a block that is not running yet).
-struct SkPlan {
-  int tblocks, nkb, G, b, dp_tiles;  // dp_tiles: the tiles of the full waves (dp_tiles / G each)
-  int64_t total, j0;                 // iterations of the split part; this block's first one
-  int dp_n, nk;                      // this block's whole-tile iterations; all its iterations
-  SkPlan() = default;
-  __device__ SkPlan(const Params& p, int bm, int rt) {
-    tblocks = (p.M + bm - 1) / bm;
-    nkb = p.nkb;
-    G = static_cast<int>(gridDim.x);
-    b = static_cast<int>(blockIdx.x);
-    const int tiles = tblocks * ((p.n_rt + rt - 1) / rt);
-    int waves = tiles / G;
-    if (waves > 0 && 2 * (tiles - waves * G) < G && tiles != waves * G) --waves;
-    dp_tiles = waves * G;
-    total = static_cast<int64_t>(tiles - dp_tiles) * nkb;
-    j0 = start(b);
-    dp_n = waves * nkb;
-    nk = dp_n + static_cast<int>(start(b - 1) - j0);
-  }
-  // First split iteration of block q (block G-1 holds the first run; start(-1) = total).
-  __device__ int64_t start(int q) const { return total * (G - 1 - q) / G; }
-  // The k block, token tile and row block of this block's iteration i.
-  __device__ void coords(int i, int& kb, int& tt, int& rb) const {
-    int tile;
-    if (i < dp_n) {
-      const int w = i / nkb;
-      kb = i - w * nkb;
-      tile = b + w * G;
-    } else {
-      const int64_t j = j0 + (i - dp_n);
-      const int64_t ts = j / nkb;
-      kb = static_cast<int>(j - ts * nkb);
-      tile = dp_tiles + static_cast<int>(ts);
-    }
-    tt = tile % tblocks;
-    rb = tile / tblocks;
-  }
-};
-
 // SK end of a block's piece of a tile (iterations i0 .. i1-1 of the block, the tile's k blocks
 // kb0 .. kb1), by the CW consumer warps (named barrier 1): a piece without the tile's first k
 // block (only ever a block's first split piece) parks its fp32 accumulators in the block's
@@ -793,10 +747,10 @@ __device__ __forceinline__ void sk_tile_end(const Params& p, const SkPlan& sk, f
     // iteration (a block with an empty run holds nothing).
     int q1 = sk.b;  // blocks q1 .. b-1 hold the rest
     if (kb1 != sk.nkb - 1) {
-      const int64_t last = sk.j0 + (i1 - 1 - sk.dp_n) + (sk.nkb - 1 - kb1);
+      const int64_t last = sk.tile_last(i1, kb1);
       for (int q = sk.b - 1; q >= 0 && sk.start(q) <= last; --q) {
         q1 = q;
-        if (sk.start(q - 1) == sk.start(q)) continue;
+        if (!sk.holds(q)) continue;
         uint32_t f = 0;
         do {
           asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.sk_flag + q) : "memory");
@@ -816,7 +770,7 @@ __device__ __forceinline__ void sk_tile_end(const Params& p, const SkPlan& sk, f
         v[f] = make_float4(a[0], a[1], a[2], a[3]);
       }
       for (int q = q1; q < sk.b; ++q) {
-        if (sk.start(q - 1) == sk.start(q)) continue;
+        if (!sk.holds(q)) continue;
         float4 u[kC];
 #pragma unroll
         for (int f = 0; f < kC; ++f) u[f] = __ldcg(slot(q, f0 + f));
@@ -935,7 +889,8 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK, Move>::kThre
   SkPlan sk;
   int kb0 = 0, nk;
   if constexpr (SK) {
-    sk = SkPlan(p, BM, RT);
+    sk = SkPlan((p.M + BM - 1) / BM, (p.n_rt + RT - 1) / RT, p.nkb, static_cast<int>(gridDim.x),
+                static_cast<int>(blockIdx.x));
     nk = sk.nk;
   } else {
     const int split = static_cast<int>(blockIdx.z), S = static_cast<int>(gridDim.z);
@@ -1041,7 +996,7 @@ __global__ void __launch_bounds__(WsSmem<FMT, R, NT, P, RS, CW, SK, Move>::kThre
       for (int i = 0; i < nk;) {
         int kb, tt_i, rb_i;
         coords(i, kb, tt_i, rb_i);
-        const int i1 = i + min(nk - i, p.nkb - kb);
+        const int i1 = sk.piece_end(i, kb);
         run(i, i1);
         wgmma_commit_wait<0>();
         sk_tile_end<DT, R, NT, CW>(p, sk, acc, i1, kb, kb + (i1 - 1 - i), tt_i, rb_i, warp, g, t);

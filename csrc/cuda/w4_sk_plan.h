@@ -1,0 +1,74 @@
+// The stream-K schedule of the warp-specialized 4-bit kernel (w4_ws_kernel<..., SK>, in
+// w4_kernels.cuh): plain index arithmetic, host and device, so that the host can check the
+// partition (w4_sk_plan_check) without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LOWBIT_HD __host__ __device__
+#else
+#define LOWBIT_HD
+#endif
+
+namespace lowbit {
+namespace cuda {
+namespace w4 {
+
+// The G blocks (all resident: one an SM) first take whole tiles as in a plain grid, tile b + w*G
+// in wave w, so that neighbouring blocks work on the token tiles of one row block together (the
+// weights are read from DRAM once); the tiles left after the full waves (at least half a wave:
+// one full wave joins them when fewer are left) are split evenly by (tile, k block) iteration,
+// each block a run of them, block G-1 first. A tile so split is finished by the block holding
+// its first k block, at the end of its run; the rest of the tile lies at the start of the runs
+// of LOWER blocks (dispatched earlier, so it never waits on a block that is not running yet).
+// Tiles are token-tile fastest: tile = rb * tblocks + tt.
+struct SkPlan {
+  int tblocks, nkb, G, b, dp_tiles;  // dp_tiles: the tiles of the full waves (dp_tiles / G each)
+  int64_t total, j0;                 // iterations of the split part; this block's first one
+  int dp_n, nk;                      // this block's whole-tile iterations; all its iterations
+  SkPlan() = default;
+  // Block b of G over tblocks token tiles x nrb row blocks x nkb k blocks.
+  LOWBIT_HD SkPlan(int tblocks_, int nrb, int nkb_, int G_, int b_)
+      : tblocks(tblocks_), nkb(nkb_), G(G_), b(b_) {
+    const int tiles = tblocks * nrb;
+    int waves = tiles / G;
+    if (waves > 0 && 2 * (tiles - waves * G) < G && tiles != waves * G) --waves;
+    dp_tiles = waves * G;
+    total = static_cast<int64_t>(tiles - dp_tiles) * nkb;
+    j0 = start(b);
+    dp_n = waves * nkb;
+    nk = dp_n + static_cast<int>(start(b - 1) - j0);
+  }
+  // First split iteration of block q (block G-1 holds the first run; start(-1) = total).
+  LOWBIT_HD int64_t start(int q) const { return total * (G - 1 - q) / G; }
+  // True if block q has split iterations.
+  LOWBIT_HD bool holds(int q) const { return start(q - 1) != start(q); }
+  // The k block, token tile and row block of this block's iteration i.
+  LOWBIT_HD void coords(int i, int& kb, int& tt, int& rb) const {
+    int tile;
+    if (i < dp_n) {
+      const int w = i / nkb;
+      kb = i - w * nkb;
+      tile = b + w * G;
+    } else {
+      const int64_t j = j0 + (i - dp_n);
+      const int64_t ts = j / nkb;
+      kb = static_cast<int>(j - ts * nkb);
+      tile = dp_tiles + static_cast<int>(ts);
+    }
+    tt = tile % tblocks;
+    rb = tile / tblocks;
+  }
+  // One past the last iteration of the piece (one tile's run of k blocks) that starts at
+  // iteration i, k block kb.
+  LOWBIT_HD int piece_end(int i, int kb) const { return i + (nk - i < nkb - kb ? nk - i : nkb - kb); }
+  // The last split iteration of the tile whose piece here ends at iteration i1 - 1, k block kb1
+  // (a piece with the tile's first k block, not its last: the rest lies in lower blocks q while
+  // start(q) <= this).
+  LOWBIT_HD int64_t tile_last(int i1, int kb1) const { return j0 + (i1 - 1 - dp_n) + (nkb - 1 - kb1); }
+};
+
+}  // namespace w4
+}  // namespace cuda
+}  // namespace lowbit
