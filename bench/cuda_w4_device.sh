@@ -2,7 +2,7 @@
 # One GPU session for the CUDA 4-bit kernels: build (sm_90a only, to save time), the CUDA
 # tests, compute-sanitizer memcheck on a subset, the acceptance bench, the tuning sweep and
 # the end-to-end MLP stack. Logs go to $OUT (default /tmp/lowbit-out); a short table last.
-#   BNB_PATH=<dir holding bitsandbytes/> bash bench/cuda_w4_device.sh [quick]
+#   bash bench/cuda_w4_device.sh [quick]   (bitsandbytes: BNB_PATH or .whl/, see bench/peers.sh)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/lowbit-out}"; mkdir -p "$OUT"
@@ -16,7 +16,7 @@ t0=$(date +%s)
 LOWBIT_CUDA=ON LOWBIT_CUDA_ARCHS="${LOWBIT_CUDA_ARCHS:-90a}" $PY -m pip install --no-build-isolation --no-deps -q . \
   >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-[ -n "${BNB_PATH:-}" ] && export PYTHONPATH="$BNB_PATH${PYTHONPATH:+:$PYTHONPATH}"
+. bench/peers.sh
 $PY -c "import lowbit, json; i = lowbit.info(); print(json.dumps(i['native']['build'])[:300])"
 $PY -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1 | tail -1
 step "pytest -m cuda"

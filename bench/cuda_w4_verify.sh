@@ -11,12 +11,7 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 LOWBIT_CUDA=ON LOWBIT_CUDA_ARCHS="${LOWBIT_CUDA_ARCHS:-90a}" python3 -m pip install --no-build-isolation --no-deps -q . \
   >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 el build
-[ -n "${BNB_PATH:-}" ] && export PYTHONPATH="$BNB_PATH"
-# Peers as wheels (the device README's recipe: `.whl/` downloaded here, carried): bitsandbytes.
-if [ -z "${BNB_PATH:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
+. bench/peers.sh
 timeout 90 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_w4.py 2>&1 | tail -4 | tee "$OUT/pytest_w4.log"
 el pytest
 timeout "${BENCH_S:-200}" python3 -m lowbit.bench --op int4 nf4 --shapes 4096x4096 14336x4096 4096x14336 28672x8192 \
