@@ -19,6 +19,7 @@
 #include "common/kv_attention.h"
 #include "common/ternary_matmul.h"
 #include "common/w4_matmul.h"
+#include "common/w4_sk_plan.h"
 #include "common/sparse24_matmul.h"
 #include "common/nf4_matmul.h"
 #include "cpu/cpu_kernels.h"
@@ -356,11 +357,11 @@ PYBIND11_MODULE(_C, m) {
            "n_pad"_a, "k_pad"_a, "group_size"_a, "num_groups"_a)
       .def("__call__", &lowbit::cuda::W4Plan::operator(), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &lowbit::cuda::W4Plan::device);
-  m.def("w4_sk_plan_check", &lowbit::cuda::w4_sk_plan_check, "tblocks"_a, "nrb"_a, "nkb"_a, "G"_a,
-        "Host check of the large-M kernel's stream-K partition: '' if it holds, else what failed.");
   m.def("w4_fused_large_m_cuda", &lowbit::cuda::w4_fused_large_m, "device"_a,
         "True if w4_matmul_cuda has its large-M tensor-core kernel on this GPU (sm_90a build on Hopper).");
 #endif
+  m.def("w4_sk_plan_check", &lowbit::cuda::w4::w4_sk_plan_check, "tblocks"_a, "nrb"_a, "nkb"_a, "G"_a,
+        "Host check of the CUDA large-M kernel's stream-K partition: '' if it holds, else what failed.");
   m.def("build_info", &lowbit::build_info, "What this build of the native module contains (a dict).");
   m.def("cpu_isa", &lowbit::cpu_isa,
         "CPU kernel instruction sets: 'compiled' into this build, 'supported' by this CPU too, and the\n"

@@ -227,11 +227,9 @@ def test_w4_plan_passes_the_kernel_only_what_it_checked(monkeypatch):
 
 
 def test_stream_k_partition_as_the_kernel_walks_it():
-    # Host-side, no GPU: the large-M kernel's stream-K schedule (csrc/cuda/w4_sk_plan.h) covers
+    # Host-side, no GPU: the large-M kernel's stream-K schedule (csrc/common/w4_sk_plan.h) covers
     # every (tile, k block) once, with one owner a tile adding exactly the partials parked for it,
     # waiting only on lower blocks; for all-split, whole-waves-then-split and exact-wave grids.
-    if not _native.has("w4_sk_plan_check"):
-        pytest.skip("built without CUDA")
     check = _native.C.w4_sk_plan_check
     cases = [(1, 112, 128, 132), (4, 112, 64, 132), (1, 16, 64, 132), (4, 224, 128, 132), (4, 32, 448, 132),
              (1, 1, 1, 1), (3, 5, 17, 7), (2, 66, 4, 132), (1, 132, 9, 132), (5, 53, 3, 132), (1, 1, 500, 132)]

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 #include "../common/int4_matmul.h"
 #include "../common/w4_matmul.h"
@@ -40,12 +39,6 @@ class W4Plan {
 // True if GPU `device` runs this build's large-M kernel of w4_matmul (the warp-specialized
 // wgmma kernel: an sm_90a binary on an sm_90 GPU); the dense path is then not needed.
 bool w4_fused_large_m(int device);
-
-// Checks the stream-K partition of the large-M kernel (csrc/cuda/w4_sk_plan.h) on the host, as
-// the kernel walks it, for G blocks over tblocks x nrb tiles of nkb k blocks: every iteration
-// covered once, one owner a tile, every parked partial added by that tile's owner, owners waiting
-// only on lower blocks. Empty if it holds, else what failed. (No GPU needed.)
-std::string w4_sk_plan_check(int tblocks, int nrb, int nkb, int G);
 
 // CUDART_VERSION the module was compiled against (e.g. 13000).
 int compiled_runtime_version();

@@ -46,9 +46,9 @@
 
 #include "../common/dtype.h"
 #include "../common/w4_matmul.h"
+#include "../common/w4_sk_plan.h"
 #include "cuda_util.h"
 #include "w4_launch.h"
-#include "w4_sk_plan.h"
 #include "wgmma_ops.cuh"
 
 namespace lowbit {

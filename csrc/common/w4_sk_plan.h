@@ -1,15 +1,12 @@
-// The stream-K schedule of the warp-specialized 4-bit kernel (w4_ws_kernel<..., SK>, in
-// w4_kernels.cuh): plain index arithmetic, host and device, so that the host can check the
-// partition (w4_sk_plan_check) without a GPU.
+// The stream-K schedule of the warp-specialized 4-bit CUDA kernel (w4_ws_kernel<..., SK>, in
+// csrc/cuda/w4_kernels.cuh): plain index arithmetic, host and device, so that every build (with
+// or without CUDA) can check the partition on the host (w4_sk_plan_check).
 #pragma once
 
 #include <cstdint>
+#include <string>
 
-#if defined(__CUDACC__)
-#define LOWBIT_HD __host__ __device__
-#else
-#define LOWBIT_HD
-#endif
+#include "dtype.h"  // LOWBIT_HD: host and device (inline)
 
 namespace lowbit {
 namespace cuda {
@@ -68,6 +65,11 @@ struct SkPlan {
   // start(q) <= this).
   LOWBIT_HD int64_t tile_last(int i1, int kb1) const { return j0 + (i1 - 1 - dp_n) + (nkb - 1 - kb1); }
 };
+
+// Checks the partition on the host, as the kernel walks it, for G blocks over tblocks x nrb tiles
+// of nkb k blocks: every iteration covered once, one owner a tile, every parked partial added by
+// that tile's owner, owners waiting only on lower blocks. Empty if it holds, else what failed.
+std::string w4_sk_plan_check(int tblocks, int nrb, int nkb, int G);
 
 }  // namespace w4
 }  // namespace cuda
