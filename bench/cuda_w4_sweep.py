@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--formats", nargs="+", default=["int4", "nf4"])
     p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--tiles", type=int, nargs="*", default=[], help="tile candidates timed (0 = the default)")
+    p.add_argument("--tile-splits", action="store_true", help="at M=1, every tile candidate at every forced split")
     p.add_argument("--budget", type=float, default=0.15)
     a = p.parse_args(argv)
     dt = torch.float16
@@ -78,10 +79,12 @@ def main(argv=None) -> int:
                     for s in a.splits:
                         with _env("LOWBIT_CUDA_W4_SPLIT", str(s)):
                             splits += f" S{s}={t(lambda: op(x)):.1f}"
-                if a.tiles:
-                    for tile in a.tiles:
-                        with _env("LOWBIT_CUDA_W4_DENSE_M", "0"), _env("LOWBIT_CUDA_W4_TILE", str(tile)):
-                            splits += f" T{tile}={t(lambda: op(x)):.1f}"
+                for tile in a.tiles:
+                    with _env("LOWBIT_CUDA_W4_DENSE_M", "0"), _env("LOWBIT_CUDA_W4_TILE", str(tile)):
+                        splits += f" T{tile}={t(lambda: op(x)):.1f}"
+                        for s in a.splits if m == 1 and a.tile_splits else ():
+                            with _env("LOWBIT_CUDA_W4_SPLIT", str(s)):
+                                splits += f" T{tile}S{s}={t(lambda: op(x)):.1f}"
                 print(f"{fmt:<5} {shape:<11} {m:>5} {base:9.1f} {fused:9.1f} {dense:9.1f} {base / fused:8.2f} "
                       f"{base / dense:8.2f} {splits}", flush=True)
             del q

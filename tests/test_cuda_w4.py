@@ -376,7 +376,7 @@ def test_forced_split_k_is_exact_and_deterministic(monkeypatch, split, m):
 # The tile candidates of a -DLOWBIT_W4_TUNING build (csrc/cuda/w4_kernels.cuh, w4_launch's
 # switches); 0 is the default dispatch.
 TILE_CANDIDATES = (0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14, 19, 20, 21, 30, 31, 32, 33, 34, 35, 36, 37, 38, 41, 42,
-                   43, 44, 45, 46, 47, 48, 49, 50, 51, 54, 55, 56, 57, 58, 59, 60)
+                   43, 44, 45, 46, 47, 48, 49, 50, 51, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63)
 
 
 @cuda

@@ -1438,6 +1438,12 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
       case 19: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX>(p, stream);
       case 20: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 8, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 8, kSmemX>(p, stream);
       case 21: return p.M <= 8 ? launch_mma<FMT, DT, 8, 2, 1, 4, kSmemX>(p, stream) : launch_mma<FMT, DT, 8, 2, 2, 4, kSmemX>(p, stream);
+      // M=1 on N = 4096 (thirteenth session): 64-row blocks (twice the row blocks, so half the K
+      // splits: longer runs, clusters of 8), through shared memory or (62) registers; 256-row
+      // blocks with a 6-deep ring (nf4's code table filled once for twice the rows)
+      case 61: return p.M <= 8 ? launch_mma<FMT, DT, 4, 1, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 1, 2, 6, kSmemX>(p, stream);
+      case 62: return p.M <= 8 ? launch_mma<FMT, DT, 4, 1, 1, P1, kRegX>(p, stream) : launch_mma<FMT, DT, 4, 1, 2, P1, kRegX>(p, stream);
+      case 63: return p.M <= 8 ? launch_mma<FMT, DT, 8, 2, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 8, 2, 2, 6, kSmemX>(p, stream);
 #ifdef LOWBIT_CUDA_SM90A
       // the warp-specialized kernel streaming the weights by TMA (wgmma n8 / n16): 8 stages and two
       // blocks an SM, or 12 stages
