@@ -351,6 +351,9 @@ __device__ __forceinline__ void wgmma_ss_kblock(float (&acc)[R][NT][4], const un
   wgmma_commit_wait<1>();
 }
 
+// The most K splits of a tile (one thread block cluster: Hopper's non-portable maximum).
+constexpr int kMaxSplit = 16;
+
 // The epilogue of the kernels: each warp's fp32 accumulators (has_acc; row tile r of warp w is
 // tile rows (wR + r) * 16) -> shared memory [token][row], reduced over the K-split cluster when
 // S > 1, plus bias -> out.
@@ -397,8 +400,17 @@ __device__ __forceinline__ void store_tile(const Params& p, unsigned char* smem_
     const int e1 = min(E, (rank + 1) * chunk);
     for (int e = rank * chunk + tid; e < e1; e += kThr) {
       const int off = (e / BN) * LD + e % BN;
+      // All S remote loads first, then the sum in rank order (the same bits as a running sum):
+      // a loop over a run-time S kept one DSMEM round trip in flight at a time, which at M=1
+      // (one element a thread, S up to 16) was most of the epilogue.
+      float part[kMaxSplit];
+#pragma unroll
+      for (int q = 0; q < kMaxSplit; ++q) part[q] = q < S ? cluster.map_shared_rank(red, q)[off] : 0.0f;
       float v = 0.0f;
-      for (int q = 0; q < S; ++q) v += cluster.map_shared_rank(red, q)[off];
+#pragma unroll
+      for (int q = 0; q < kMaxSplit; ++q) {
+        if (q < S) v += part[q];
+      }
       store(e, v);
     }
     cluster.sync();  // keep this block's tile alive until every block has read it
@@ -1136,12 +1148,12 @@ KernelInfo kernel_info(Kernel kernel, int device, int threads, int smem_bytes) {
     info.max_cluster = 8;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
       cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(1, 1, 16);
+      cfg.gridDim = dim3(1, 1, kMaxSplit);
       cfg.blockDim = dim3(threads, 1, 1);
       cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
       int largest = 0;
-      if (cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &cfg) == cudaSuccess && largest >= 16) {
-        info.max_cluster = 16;
+      if (cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &cfg) == cudaSuccess && largest >= kMaxSplit) {
+        info.max_cluster = kMaxSplit;
       }
     }
     cudaGetLastError();  // a refused non-portable size is not an error of ours
