@@ -446,26 +446,40 @@ def _store_y(acc, y_ptrs, b_ptrs, mask, b_mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _sum_if_last_split(acc, p_ptrs, slice_elems, mask, c_ptr):
-    """After this program stored its partial tile: count it in the tile's counter, and if it was
-    the tile's last K split, return the sum of all splits' partials (in split order, as
-    :func:`splitk_reduce` adds them: the same bits either way) and reset the counter.
+def arrive(c_ptr):
+    """Count this program's split in its tile's counter: ``(last, tile, splits)``, ``last`` true for the
+    tile's last split to arrive, which then reads every split's stores and must reset the counter
+    (:func:`depart`).
 
-    The K split is the grid's last axis (axis 2 of a 3-D grid, else axis 1); the tile is the
-    program's index over the other axes. The barrier makes every thread's partial stores precede
-    the release of the counter's increment (done by one thread); its acquire orders the last
-    program's loads after every other split's release. The loads bypass L1 (``.cg``)."""
+    The split is the grid's last axis (axis 2 of a 3-D grid, else axis 1); the tile is the
+    program's index over the other axes. The barrier makes every thread's stores precede the
+    release of the counter's increment (done by one thread); its acquire orders the last
+    program's loads after every other split's release. Those loads must bypass L1 (``.cg``)."""
     np2 = tl.num_programs(2)
     tile = tl.where(np2 > 1, tl.program_id(0) + tl.num_programs(0) * tl.program_id(1), tl.program_id(0))
     nsplit = tl.where(np2 > 1, np2, tl.num_programs(1))
     tl.debug_barrier()
     done = tl.atomic_add(c_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    last = done == nsplit - 1
+    return done == nsplit - 1, tile, nsplit
+
+
+@triton.jit
+def depart(c_ptr, tile):
+    """The last split leaves its tile's counter at zero for the next launch."""
+    tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sum_if_last_split(acc, p_ptrs, slice_elems, mask, c_ptr):
+    """After this program stored its partial tile: if it was the tile's last K split
+    (:func:`arrive`), return the sum of all splits' partials (in split order, as
+    :func:`splitk_reduce` adds them: the same bits either way)."""
+    last, tile, nsplit = arrive(c_ptr)
     if last:
         acc = tl.zeros_like(acc)
         for s in range(nsplit):
             acc += tl.load(p_ptrs + s * slice_elems, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed", scope="gpu")
+        depart(c_ptr, tile)
     return acc, last
 
 
@@ -499,31 +513,37 @@ _tile_counters: dict[tuple[str, int | None, int], torch.Tensor] = {}
 _counters_in_capture = False
 
 
+def tile_counters(tiles: int, device: torch.device) -> torch.Tensor | None:
+    """The current stream's int32 counters for a launch whose last split per tile finishes the
+    tile (:func:`arrive`), at least ``tiles`` of them, all zero; ``None`` during CUDA-graph
+    capture (a buffer shared with eager launches, or with other graphs replayed concurrently on
+    other streams, could be raced, and none can be allocated there): use a second kernel."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing and not _counters_in_capture:
+        return None
+    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    cnt = _tile_counters.get(key)
+    if cnt is None or cnt.numel() < tiles:
+        if capturing:
+            return None
+        cnt = _tile_counters[key] = torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32,
+                                                device=device)
+    return cnt
+
+
 def split_k_buffers(split: int, tiles: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(partial, counters, PARTIAL)`` for a launch whose K loop is cut into ``split`` ranges
     over ``tiles`` output tiles (the grid without its split axis), writing ``y [M, N]``.
 
     ``PARTIAL`` 0: no split (both buffers are ``y``, unused). 2: the tile's last split sums the
-    float32 partials and writes ``y`` (one launch), counting arrivals in a per-stream counter
-    buffer. 1: the partials are summed by :func:`finish_split` 's second kernel - during CUDA-graph
-    capture, where a counter buffer shared with eager launches (or other graphs, replayed
-    concurrently on other streams) could be raced, and the counters cannot be allocated."""
+    float32 partials and writes ``y`` (one launch, :func:`tile_counters`). 1: the partials are
+    summed by :func:`finish_split` 's second kernel (CUDA-graph capture)."""
     if split <= 1:
         return y, y, 0
     m, n = y.shape
     partial = torch.empty((split, m, n), dtype=torch.float32, device=y.device)
-    dev = y.device
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing and not _counters_in_capture:
-        return partial, partial, 1
-    key = (dev.type, dev.index, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
-    cnt = _tile_counters.get(key)
-    if cnt is None or cnt.numel() < tiles:
-        if capturing:
-            return partial, partial, 1
-        cnt = _tile_counters[key] = torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32,
-                                                device=dev)
-    return partial, cnt, 2
+    cnt = tile_counters(tiles, y.device)
+    return (partial, partial, 1) if cnt is None else (partial, cnt, 2)
 
 
 def finish_split(mode: int, partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:

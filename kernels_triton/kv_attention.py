@@ -26,12 +26,15 @@ from ._common import (
     INTERPRET,
     STREAM,
     Config,
+    arrive,
     cache_for,
     cfg,
+    depart,
     inline_ptx_ok,
     mma_in,
     num_sms,
     pick,
+    tile_counters,
 )
 
 _CACHE = cache_for("kv_attention")
@@ -253,7 +256,7 @@ def _kv_bases(c_ptr, s_ptr, z_ptr, b, hkv, sc_b, sc_h, ss_b, ss_h, sz_b, sz_h):
 
 @triton.jit
 def _kv_attn_kernel(
-    q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, o_ptr, po_ptr, pml_ptr,
+    q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, o_ptr, po_ptr, pml_ptr, c_ptr,
     H_KV, GROUPS, S_Q, S_KV, ROWS, ROWS_PAD, kv_per_split, NSPLIT, qk_scale,
     sq_b, sq_h, sq_s, sq_d,
     sk_b, sk_h, sk_s, sks_b, sks_h, sks_s, skz_b, skz_h, skz_s,
@@ -263,7 +266,7 @@ def _kv_attn_kernel(
     BITS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, PV_DT: tl.constexpr,
     IEEE: tl.constexpr, ASM: tl.constexpr, EVEN_D: tl.constexpr,
     SZ_CONTIG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
 ):
     """Triton pipelines the raw loads of a tile (bytes, scales, zeros: cp.async into shared
     memory, ``num_stages``); the codes become float16 in the dot's operand layout (PTX, ASM)."""
@@ -337,6 +340,9 @@ def _kv_attn_kernel(
         o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64)[:, None] * so_h + qi[:, None] * so_s \
             + offs_d[None, :] * so_d
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    if SPLIT == 2:
+        _combine_if_last(c_ptr, po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT, D,
+                         so_b, so_h, so_s, so_d, BLOCK_M, RB, CH, BLOCK_D)
 
 
 @triton.jit
@@ -371,7 +377,7 @@ def _store_t(acc, offs_d, d_mask, m_i, l_i, rows, row_mask, qi, h, b, pid_bh, pi
 
 @triton.jit
 def _kv_swap_kernel(
-    q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, o_ptr, po_ptr, pml_ptr,
+    q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, o_ptr, po_ptr, pml_ptr, c_ptr,
     H_KV, GROUPS, S_Q, S_KV, ROWS, ROWS_PAD, kv_per_split, NSPLIT, qk_scale,
     sq_b, sq_h, sq_s, sq_d,
     sk_b, sk_h, sk_s, sks_b, sks_h, sks_s, skz_b, skz_h, skz_s,
@@ -381,7 +387,7 @@ def _kv_swap_kernel(
     BITS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, PV_DT: tl.constexpr,
     IEEE: tl.constexpr, ASM: tl.constexpr, EVEN_D: tl.constexpr,
     SZ_CONTIG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
 ):
     """Swapped orientation of ``_kv_attn_kernel`` for few query rows (decode): the key tile is
     the MMA's wide side, ``scores^T [BS, BM] = K [BS, D] @ q^T [D, BM]`` (K dequantized in its
@@ -457,43 +463,78 @@ def _kv_swap_kernel(
                  pml_ptr, ROWS_PAD, NSPLIT, so_b, so_h, so_s, so_d, SPLIT, BLOCK_D, 1)
         _store_t(acc_hi, 2 * offs_h + 1, h_mask, m_i, l_i, rows, row_mask, qi, h, b, pid_bh, pid_s, o_ptr, po_ptr,
                  pml_ptr, ROWS_PAD, NSPLIT, so_b, so_h, so_s, so_d, SPLIT, BLOCK_D, 0)
+    if SPLIT == 2:
+        _combine_if_last(c_ptr, po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT, D,
+                         so_b, so_h, so_s, so_d, BLOCK_M, RB, CH, BLOCK_D)
+
+
+# Not inlined: ptxas then sizes the merge's registers apart from the attention loop's (inlined, it
+# raised the int4 kernel's from 150 to 189 a thread, one block an SM fewer, Triton 3.6 sm_90).
+@triton.jit(noinline=True)
+def _combine_rows(po_ptr, pml_ptr, o_ptr, r0, pid_bh, H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT, D,
+                  so_b, so_h, so_s, so_d, RB: tl.constexpr, CH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the splits' partial outputs of rows ``r0 .. r0 + RB - 1`` (their running max and sum
+    rescale each) and store the normalised rows; CH splits per load. Used by a split launch's last
+    program and by the combine kernel alike (the same bits either way); the loads bypass L1."""
+    b = pid_bh // H_KV
+    hkv = pid_bh % H_KV
+    rows = r0 + tl.arange(0, RB)
+    r_mask = rows < ROWS
+    offs_j = tl.arange(0, CH)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_run = tl.full([RB], float("-inf"), tl.float32)
+    l_run = tl.zeros([RB], tl.float32)
+    acc = tl.zeros([RB, BLOCK_D], dtype=tl.float32)
+    for j0 in range(0, NSPLIT, CH):
+        j = j0 + offs_j
+        base = (pid_bh.to(tl.int64) * NSPLIT + j) * ROWS_PAD
+        at = base[:, None] + rows[None, :]  # [CH, RB]
+        mask = (j < NSPLIT)[:, None] & r_mask[None, :]
+        m = tl.load(pml_ptr + 2 * base[:, None] + rows[None, :], mask=mask, other=float("-inf"),
+                    cache_modifier=".cg")
+        lj = tl.load(pml_ptr + 2 * base[:, None] + ROWS_PAD + rows[None, :], mask=mask, other=0.0,
+                     cache_modifier=".cg")
+        o = tl.load(po_ptr + at[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(m_run - m_use)
+        w = tl.exp2(m - m_use[None, :])
+        l_run = l_run * a + tl.sum(w * lj, axis=0)
+        acc = acc * a[:, None] + tl.sum(w[:, :, None] * o, axis=0)
+        m_run = m_new
+    out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
+    qi = rows % S_Q
+    h = hkv * GROUPS + rows // S_Q
+    o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64)[:, None] * so_h + qi[:, None] * so_s \
+        + offs_d[None, :] * so_d
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=r_mask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _combine_if_last(c_ptr, po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT, D,
+                     so_b, so_h, so_s, so_d, BLOCK_M: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """After a split program stored its partials: the last split of its (row tile, batch * kv
+    head) to arrive merges them (one launch instead of a combine kernel)."""
+    last, tile, _ = arrive(c_ptr)
+    if last:
+        lo = tl.program_id(0) * BLOCK_M
+        for r0 in range(lo, tl.minimum(lo + BLOCK_M, ROWS), RB):
+            _combine_rows(po_ptr, pml_ptr, o_ptr, r0, tl.program_id(1), H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT,
+                          D, so_b, so_h, so_s, so_d, RB, CH, BLOCK_D)
+        depart(c_ptr, tile)
 
 
 @triton.jit
 def _kv_combine_kernel(
-    po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS_PAD, NSPLIT, D,
+    po_ptr, pml_ptr, o_ptr, H_KV, GROUPS, S_Q, ROWS, ROWS_PAD, NSPLIT, D,
     so_b, so_h, so_s, so_d,
-    CH: tl.constexpr, BLOCK_D: tl.constexpr,
+    RB: tl.constexpr, CH: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One output row per program: all its splits merged, CH splits per (vector) load."""
-    row = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_KV
-    hkv = pid_bh % H_KV
-    offs_j = tl.arange(0, CH)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_run = tl.full([], float("-inf"), tl.float32)
-    l_run = tl.zeros([], tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j0 in range(0, NSPLIT, CH):
-        j = j0 + offs_j
-        jm = j < NSPLIT
-        base = (pid_bh.to(tl.int64) * NSPLIT + j) * ROWS_PAD
-        m = tl.load(pml_ptr + 2 * base + row, mask=jm, other=float("-inf"))
-        lj = tl.load(pml_ptr + 2 * base + ROWS_PAD + row, mask=jm, other=0.0)
-        o = tl.load(po_ptr + (base + row)[:, None] * BLOCK_D + offs_d[None, :], mask=jm[:, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp2(m_run - m_use)
-        w = tl.exp2(m - m_use)
-        l_run = l_run * a + tl.sum(w * lj, axis=0)
-        acc = acc * a + tl.sum(w[:, None] * o, axis=0)
-        m_run = m_new
-    out = acc / tl.where(l_run == 0.0, 1.0, l_run)
-    qi = row % S_Q
-    h = hkv * GROUPS + row // S_Q
-    o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + qi * so_s + offs_d * so_d
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
+    """The second kernel of a split launch made during CUDA-graph capture: RB rows a program."""
+    _combine_rows(po_ptr, pml_ptr, o_ptr, tl.program_id(0) * RB, tl.program_id(1), H_KV, GROUPS, S_Q, ROWS,
+                  ROWS_PAD, NSPLIT, D, so_b, so_h, so_s, so_d, RB, CH, BLOCK_D)
 
 
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -560,12 +601,15 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
     per_split = c.get("BLOCKS_PER_SPLIT", triton.cdiv(s_kv, bs)) * bs
     nsplit = triton.cdiv(s_kv, per_split)
     rows_pad = triton.cdiv(rows, bm) * bm
-    split = nsplit > 1
-    if split:
+    split, cnt = 0, out
+    if nsplit > 1:  # the last split of a row tile merges (2), or a combine kernel does (1, graph capture)
         po = torch.empty((b * h_kv * nsplit * rows_pad, block_d), dtype=torch.float32, device=q.device)
         pml = torch.empty((b * h_kv * nsplit * 2 * rows_pad,), dtype=torch.float32, device=q.device)
+        cnt = tile_counters(triton.cdiv(rows, bm) * b * h_kv, q.device)
+        split, cnt = (1, po) if cnt is None else (2, cnt)
     else:
         po = pml = out
+    rb, ch = _combine_tile(bm, rows, nsplit, block_d)
     kz = k_zero if k_zero is not None else k_scale
     vz = v_zero if v_zero is not None else v_scale
     # 4-bit scale/zero: the group dimension has unit stride (see _unit_last)
@@ -577,7 +621,7 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
         raise ValueError("lowbit.kernels_triton.kv_attention: the 'swap' path takes int8 caches only")
     kernel = _kv_swap_kernel if c.path == "swap" else _kv_attn_kernel
     kernel[(triton.cdiv(rows, bm), b * h_kv, nsplit)](
-        q, k, k_scale, kz, v, v_scale, vz, out, po, pml,
+        q, k, k_scale, kz, v, v_scale, vz, out, po, pml, cnt,
         h_kv, groups, s_q, s_kv, rows, rows_pad, per_split, nsplit, scale * _LOG2E,
         *q.stride(),
         k.stride(0), k.stride(1), k.stride(2), *k_scale.stride()[:3], *kz.stride()[:3],
@@ -587,14 +631,23 @@ def _launch(c: Config, q, k, k_scale, k_zero, v, v_scale, v_zero, causal: bool, 
         SPLIT=split, DT=dt, PV_DT=tl.float32 if q.dtype == torch.float32 else tl.float16,
         IEEE=q.dtype == torch.float32, ASM=not INTERPRET and inline_ptx_ok(q.device), EVEN_D=even_d,
         SZ_CONTIG=sz_contig,
-        BLOCK_M=bm, BLOCK_S=bs, BLOCK_D=block_d, **c.launch_opts(),
+        BLOCK_M=bm, BLOCK_S=bs, BLOCK_D=block_d, RB=rb, CH=ch, **c.launch_opts(),
     )
-    if split:
-        _kv_combine_kernel[(rows, b * h_kv)](
-            po, pml, out, h_kv, groups, s_q, rows_pad, nsplit, d, *out.stride(),
-            CH=min(64, max(2, triton.next_power_of_2(nsplit))), BLOCK_D=block_d, num_warps=4,
+    if split == 1:  # the same merge as the last split's, in as many warps (the same bits)
+        _kv_combine_kernel[(triton.cdiv(rows, rb), b * h_kv)](
+            po, pml, out, h_kv, groups, s_q, rows, rows_pad, nsplit, d, *out.stride(),
+            RB=rb, CH=ch, BLOCK_D=block_d, num_warps=c.launch_opts()["num_warps"],
         )
     return out
+
+
+def _combine_tile(bm: int, rows: int, nsplit: int, block_d: int) -> tuple[int, int]:
+    """Rows and splits a merge step of a split launch loads at once: all of a decode row tile's
+    rows (a GQA group) where they fit, as many splits as keep the tile within 64 float32 values a
+    thread of 4 warps (one or two load round trips for the usual 16-64 splits)."""
+    rb = min(bm, 16, max(2, triton.next_power_of_2(rows)))
+    ch = max(1, min(64, triton.next_power_of_2(nsplit), 8192 // (rb * block_d)))
+    return rb, ch
 
 
 def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -434,6 +434,32 @@ def test_kv_attention_configs(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kv_split_merged_by_the_last_split(device, monkeypatch):
+    """A split launch whose last split per row tile merges the partials (one launch) gives the
+    same bits as the combine kernel (CUDA-graph capture's path), and leaves the counters at zero;
+    int8 and int4, both kernels, a merge over two row blocks of a 32-row tile (causal prefill)."""
+    from lowbit.kernels_triton import _common
+    from lowbit.kernels_triton._common import cfg
+
+    kern = _kernels("kv_attention")
+    cases = [((2, 8, 2, 1, 300, 64, 8, False), cfg("split", BLOCK_M=16, BLOCK_S=32, extra={"BLOCKS_PER_SPLIT": 2})),
+             ((1, 8, 1, 1, 200, 32, 4, False), cfg("split", BLOCK_M=16, BLOCK_S=32, extra={"BLOCKS_PER_SPLIT": 1})),
+             ((1, 4, 2, 9, 130, 64, 4, True), cfg("split", BLOCK_M=32, BLOCK_S=32, extra={"BLOCKS_PER_SPLIT": 2})),
+             ((2, 8, 2, 1, 300, 64, 8, False), cfg("swap", BLOCK_M=16, BLOCK_S=32, extra={"BLOCKS_PER_SPLIT": 2}))]
+    fused_counters = _common.tile_counters
+    for shape, c in cases:
+        b, h_q, h_kv, s_q, s_kv, d, bits, causal = shape
+        args = to_device(kv_args(b, h_q, h_kv, s_q, s_kv, d, torch.float16, bits=bits, causal=causal), device)
+        monkeypatch.setattr(kern, "tile_counters", fused_counters)
+        fused = kern.kv_attention(*args, config=c)
+        counters = [t for key, t in _common._tile_counters.items() if key[0] == fused.device.type]
+        assert counters and all(int(t.abs().sum()) == 0 for t in counters), f"{c} {shape}: counters not reset"
+        monkeypatch.setattr(kern, "tile_counters", lambda tiles, dev: None)
+        assert torch.equal(fused, kern.kv_attention(*args, config=c)), f"{c} {shape}: merges differ"
+        _check(fused, reference.kv_attention(*args), torch.float16, f"kv {c} {shape}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kv_attention_explicit_scale_and_strided_query(device):
     kern = _kernels("kv_attention")
     q, kq, ks, kz, vq, vs, vz, _, _ = to_device(kv_args(1, 4, 2, 3, 50, 64, torch.float16, bits=4), device)
