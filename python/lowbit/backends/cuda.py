@@ -116,12 +116,14 @@ def _w4_matmul(x: torch.Tensor, packed: w4_layout.PackedW4, bias: torch.Tensor |
         return torch.nn.functional.linear(x2, w, b).view(out_shape)
     out = torch.empty((m, packed.n), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.contiguous()
+    # positional (the binding's order: fmt, x_ptr, x_dtype, x_row_stride, packed_w_ptr, packed_s_ptr,
+    # bias_ptr, bias_dtype, out_ptr, M, N, K, n_pad, k_pad, group_size, num_groups, stream): pybind
+    # matches 17 keywords by name at every call, which costs microseconds in eager decode
     _native.C.w4_matmul_cuda(
-        fmt=packed.fmt, x_ptr=x2.data_ptr(), x_dtype=DTYPE_CODES[x.dtype], x_row_stride=stride,
-        packed_w_ptr=packed.packed_w.data_ptr(), packed_s_ptr=packed.packed_s.data_ptr(),
-        bias_ptr=0 if b is None else b.data_ptr(), bias_dtype=DTYPE_CODES[x.dtype] if b is None else DTYPE_CODES[b.dtype],
-        out_ptr=out.data_ptr(), M=m, N=packed.n, K=packed.k, n_pad=packed.n_pad, k_pad=packed.k_pad,
-        group_size=packed.group_size, num_groups=packed.num_groups, stream=stream,
+        packed.fmt, x2.data_ptr(), DTYPE_CODES[x.dtype], stride, packed.packed_w.data_ptr(),
+        packed.packed_s.data_ptr(), 0 if b is None else b.data_ptr(),
+        DTYPE_CODES[x.dtype] if b is None else DTYPE_CODES[b.dtype], out.data_ptr(), m, packed.n, packed.k,
+        packed.n_pad, packed.k_pad, packed.group_size, packed.num_groups, stream,
     )
     return out.view(out_shape)
 
