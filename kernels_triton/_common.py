@@ -511,6 +511,9 @@ def splitk_reduce(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Ten
 _tile_counters: dict[tuple[str, int | None, int], torch.Tensor] = {}
 #: Set while the tuner captures a candidate on a private stream (its counters made beforehand).
 _counters_in_capture = False
+#: ``LOWBIT_TRITON_SECOND_KERNELS=1``: every split launch finishes in a second kernel, as under
+#: graph capture (the same bits; for A/B timing of the one-launch reductions).
+_SECOND_KERNELS = os.environ.get("LOWBIT_TRITON_SECOND_KERNELS", "0") not in ("", "0")
 
 
 def tile_counters(tiles: int, device: torch.device) -> torch.Tensor | None:
@@ -519,7 +522,7 @@ def tile_counters(tiles: int, device: torch.device) -> torch.Tensor | None:
     capture (a buffer shared with eager launches, or with other graphs replayed concurrently on
     other streams, could be raced, and none can be allocated there): use a second kernel."""
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing and not _counters_in_capture:
+    if (capturing and not _counters_in_capture) or _SECOND_KERNELS:
         return None
     key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     cnt = _tile_counters.get(key)
