@@ -1442,10 +1442,16 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     // block <= 4 k blocks (4096^2: 12.3 us in registers, 13.3 through shared memory).
     bool regs = false;
     if constexpr (FMT == kW4Int4) regs = p.M <= 8 && short_splits<FMT, DT, P1>(p);
+    // nf4 on N <= 4096: 64-row blocks, activations in registers (tile 62): twice the row blocks,
+    // so half the K splits, each block filling its 32 KB code table for twice the k blocks
+    // (fourteenth session, H100, M=1: 4096^2 17.0 -> 13.3 us, 4096x14336 25.8 -> 23.6;
+    // 14336x4096 stays on the 128-row tile, 22.3 vs 23.1)
+    bool rows64 = FMT == kW4NF4 && p.M <= 8 && p.N <= 4096;
 #ifdef LOWBIT_W4_TUNING
     constexpr bool kAnyRegs = true;
     const int tile = env_int("LOWBIT_CUDA_W4_TILE");  // 1: the register path, 14: the shared tile
     regs = tile == 1 || (tile != 14 && regs);
+    rows64 = rows64 && tile != 1 && tile != 14;
     switch (tile) {  // deeper rings, or 8 warps (256 rows) a block
       case 19: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 6, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 6, kSmemX>(p, stream);
       case 20: return p.M <= 8 ? launch_mma<FMT, DT, 4, 2, 1, 8, kSmemX>(p, stream) : launch_mma<FMT, DT, 4, 2, 2, 8, kSmemX>(p, stream);
@@ -1470,6 +1476,9 @@ void w4_launch(const W4Args& a, cudaStream_t stream) {
     if (p.M <= 8) {
       if constexpr (FMT == kW4Int4 || kAnyRegs) {
         if (regs) return launch_mma<FMT, DT, 4, 2, 1, P1, kRegX>(p, stream);
+      }
+      if constexpr (FMT == kW4NF4) {
+        if (rows64) return launch_mma<FMT, DT, 4, 1, 1, P1, kRegX>(p, stream);
       }
       return launch_mma<FMT, DT, 4, 2, 1, 4, kSmemX>(p, stream);
     }
