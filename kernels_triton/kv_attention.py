@@ -544,9 +544,8 @@ def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.de
                dtype: torch.dtype = torch.float16, bits: int = 8) -> list[Config]:
     """Row tile, key tile and split count (path "swap": the swapped-orientation kernel, for at
     most 16 rows, 16-bit queries and int8 caches; its tiles are 64 or 128 keys). Decode-sized calls (few
-    ``batch * kv_heads`` programs) cut the context so that about 2 or 4 programs per
-    multiprocessor run, each over >= 2 key tiles (the loads of the next tile are in flight while
-    one is computed); calls with enough programs also get one unsplit launch (no combine kernel)."""
+    ``batch * kv_heads`` programs) cut the context so that about 2, 4 (or, for decode rows, 8)
+    programs per multiprocessor run; calls with enough programs also get one unsplit launch."""
     out = []
     bm_list = (16,) if rows <= 16 else ((32, 64) if rows <= 64 else (64, 128))
     bs_list = (64, 128) if d <= 128 else (32, 64)
@@ -554,14 +553,17 @@ def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.de
         bm_list = tuple(min(bm, 32) for bm in bm_list[:1])
         bs_list = (32, 64)
     sms = num_sms(device)
+    # splits of >= 2 key tiles keep a tile's loads in flight while one is computed; with 8
+    # programs an SM (decode rows), the other programs do, and one-tile splits are allowed
+    min_blocks = lambda per_sm: 1 if per_sm >= 8 else 2  # noqa: E731
     if rows <= 16 and dtype != torch.float32 and d <= 128 and bits == 8:
         # swapped orientation (_kv_swap_kernel): key tile on the wgmma's 64-wide side
         programs = b * h_kv
-        for bs, warps, per_sms in ((64, 4, (2, 4)), (128, 8, (2,))):
+        for bs, warps, per_sms in ((64, 4, (2, 4, 8)), (128, 8, (2,))):
             blocks = triton.cdiv(s_kv, bs)
             seen = set()
             for per_sm in per_sms:
-                split_blocks = max(2, triton.cdiv(blocks, triton.cdiv(per_sm * sms, programs)))
+                split_blocks = max(min_blocks(per_sm), triton.cdiv(blocks, triton.cdiv(per_sm * sms, programs)))
                 if triton.cdiv(blocks, split_blocks) <= 1 or split_blocks in seen:
                     continue
                 seen.add(split_blocks)
@@ -575,9 +577,9 @@ def candidates(b: int, h_kv: int, rows: int, s_kv: int, d: int, device: torch.de
             programs = b * h_kv * triton.cdiv(rows, bm)
             blocks = triton.cdiv(s_kv, bs)
             seen = set()
-            for per_sm in (2, 4):
+            for per_sm in (2, 4, 8) if rows <= 16 else (2, 4):
                 want = triton.cdiv(per_sm * sms, programs)
-                split_blocks = max(2, triton.cdiv(blocks, want))
+                split_blocks = max(min_blocks(per_sm), triton.cdiv(blocks, want))
                 if triton.cdiv(blocks, split_blocks) <= 1 or split_blocks in seen:
                     continue
                 seen.add(split_blocks)
