@@ -1319,13 +1319,7 @@ inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partia
   static std::map<std::pair<int, cudaStream_t>, Ws> cache;
   constexpr const char* fn = "w4_matmul_cuda";
   unsigned long long id = 0;
-  {  // (global capture mode refuses cudaStreamGetId on a capturing stream: ask in relaxed mode)
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), fn, "cudaThreadExchangeStreamCaptureMode");
-    const cudaError_t got = cudaStreamGetId(stream, &id);
-    cudaThreadExchangeStreamCaptureMode(&mode);
-    check_cuda(got, fn, "cudaStreamGetId");
-  }
+  check_cuda(cudaStreamGetId(stream, &id), fn, "cudaStreamGetId");
   std::lock_guard<std::mutex> lock(mu);
   Ws& w = cache[{device, stream}];
   if (w.partial != nullptr && w.id != id) {
