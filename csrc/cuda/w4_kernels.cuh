@@ -1295,6 +1295,8 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
   return make_map(map, base, elem_bytes, 2, dims, &stride, box, swizzle128);
 }
 
+// Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
+// GPU, or activations TMA cannot read (the caller then takes another kernel).
 // The stream-K workspace of `stream` on `device` (the fp32 partial slots and the flags, zero
 // between calls: each call leaves them so): one a stream, as cuBLAS keeps its workspace, so that
 // calls on different streams never share one. Made on first use, also inside a CUDA graph
@@ -1303,9 +1305,7 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 // graphs captured on one stream must not be replayed concurrently). The first is made for the
 // largest default block (`sms` slots of 128 KB: 32 fragments x 256 threads x 16 bytes, ~17 MB on
 // an H100) so that it does not grow; a larger request (a tuning candidate) replaces a stream's
-// workspace and keeps the old one alive. A destroyed stream's handle can name a new stream while
-// the old one's last kernels still run: the workspace remembers its stream's unique id, and a new
-// id under the same handle first waits for the device (or, while capturing, takes a new one).
+// workspace and keeps the old one alive.
 inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partial_bytes, int flags, float** partial,
                          int** flag) {
   struct Ws {
@@ -1313,33 +1313,16 @@ inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partia
     int* flag = nullptr;
     size_t bytes = 0;
     int flags = 0;
-    unsigned long long id = 0;  // the stream's unique id (cudaStreamGetId)
   };
   static std::mutex mu;
   static std::map<std::pair<int, cudaStream_t>, Ws> cache;
   constexpr const char* fn = "w4_matmul_cuda";
-  unsigned long long id = 0;
-  check_cuda(cudaStreamGetId(stream, &id), fn, "cudaStreamGetId");
   std::lock_guard<std::mutex> lock(mu);
   Ws& w = cache[{device, stream}];
-  if (w.partial != nullptr && w.id != id) {
-    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    check_cuda(cudaStreamIsCapturing(stream, &capturing), fn, "cudaStreamIsCapturing");
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), fn, "cudaThreadExchangeStreamCaptureMode");
-    const bool idle = capturing == cudaStreamCaptureStatusNone && cudaDeviceSynchronize() == cudaSuccess;
-    cudaThreadExchangeStreamCaptureMode(&mode);
-    if (!idle) {
-      cudaGetLastError();  // (a refused synchronize is not this call's error)
-      w = Ws{};            // (the old one stays allocated)
-    }
-  }
-  w.id = id;
   if (w.bytes < partial_bytes || w.flags < flags) {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), fn, "cudaThreadExchangeStreamCaptureMode");
     Ws n;
-    n.id = id;
     n.bytes = std::max({partial_bytes, w.bytes, static_cast<size_t>(sms) * (128 << 10)});
     n.flags = std::max({flags, w.flags, sms});
     cudaStream_t init = nullptr;
@@ -1357,8 +1340,6 @@ inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partia
   *flag = w.flag;
 }
 
-// Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
-// GPU, or activations TMA cannot read (the caller then takes another kernel).
 template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false,
           bool Move = false>
 bool launch_ws(const Params& p, cudaStream_t stream) {
