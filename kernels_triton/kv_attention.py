@@ -12,7 +12,8 @@ online (flash) softmax in base 2.
 
 Split-K ("flash-decoding"): when ``batch * kv_heads * row_blocks`` programs would not fill the
 GPU, the context is cut into splits; each writes its unnormalised output, running max and sum
-to a float32 workspace and a second kernel combines them. Causal masking is bottom-right
+to a float32 workspace, and the last split of a row tile to finish merges them (a second
+kernel does under CUDA-graph capture, with the same bits). Causal masking is bottom-right
 aligned (query ``i`` sees keys ``j <= i + S_kv - S_q``), as the reference does.
 """
 
