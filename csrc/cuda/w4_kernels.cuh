@@ -1295,8 +1295,6 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
   return make_map(map, base, elem_bytes, 2, dims, &stride, box, swizzle128);
 }
 
-// Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
-// GPU, or activations TMA cannot read (the caller then takes another kernel).
 // The stream-K workspace of `stream` on `device` (the fp32 partial slots and the flags, zero
 // between calls: each call leaves them so): one a stream, as cuBLAS keeps its workspace, so that
 // calls on different streams never share one. Made on first use, also inside a CUDA graph
@@ -1305,7 +1303,9 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 // graphs captured on one stream must not be replayed concurrently). The first is made for the
 // largest default block (`sms` slots of 128 KB: 32 fragments x 256 threads x 16 bytes, ~17 MB on
 // an H100) so that it does not grow; a larger request (a tuning candidate) replaces a stream's
-// workspace and keeps the old one alive.
+// workspace and keeps the old one alive. (Known gap: a destroyed stream's handle reused by a new
+// stream shares its workspace while the old stream's last kernels may still run; keying by
+// cudaStreamGetId fails under capture, where that call is refused.)
 inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partial_bytes, int flags, float** partial,
                          int** flag) {
   struct Ws {
@@ -1340,6 +1340,8 @@ inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partia
   *flag = w.flag;
 }
 
+// Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
+// GPU, or activations TMA cannot read (the caller then takes another kernel).
 template <int FMT, int DT, int R, int NT, int P, int MinBlocks = 1, bool RS = false, int CW = 8, bool SK = false,
           bool Move = false>
 bool launch_ws(const Params& p, cudaStream_t stream) {
