@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--tiles", type=int, nargs="*", default=[], help="tile candidates timed (0 = the default)")
     p.add_argument("--tile-splits", action="store_true", help="at M=1, every tile candidate at every forced split")
+    p.add_argument("--splits-every-m", action="store_true", help="forced splits (and --tile-splits) at every M, not only 1")
     p.add_argument("--budget", type=float, default=0.15)
     a = p.parse_args(argv)
     dt = torch.float16
@@ -75,14 +76,14 @@ def main(argv=None) -> int:
                 with _env("LOWBIT_CUDA_W4_DENSE_M", "1"):
                     dense = t(lambda: op(x))
                 splits = ""
-                if m == 1:
+                if m == 1 or a.splits_every_m:
                     for s in a.splits:
                         with _env("LOWBIT_CUDA_W4_SPLIT", str(s)):
                             splits += f" S{s}={t(lambda: op(x)):.1f}"
                 for tile in a.tiles:
                     with _env("LOWBIT_CUDA_W4_DENSE_M", "0"), _env("LOWBIT_CUDA_W4_TILE", str(tile)):
                         splits += f" T{tile}={t(lambda: op(x)):.1f}"
-                        for s in a.splits if m == 1 and a.tile_splits else ():
+                        for s in a.splits if (m == 1 or a.splits_every_m) and a.tile_splits else ():
                             with _env("LOWBIT_CUDA_W4_SPLIT", str(s)):
                                 splits += f" T{tile}S{s}={t(lambda: op(x)):.1f}"
                 print(f"{fmt:<5} {shape:<11} {m:>5} {base:9.1f} {fused:9.1f} {dense:9.1f} {base / fused:8.2f} "

@@ -1303,26 +1303,44 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int elem_bytes, int6
 // graphs captured on one stream must not be replayed concurrently). The first is made for the
 // largest default block (`sms` slots of 128 KB: 32 fragments x 256 threads x 16 bytes, ~17 MB on
 // an H100) so that it does not grow; a larger request (a tuning candidate) replaces a stream's
-// workspace and keeps the old one alive. (Known gap: a destroyed stream's handle reused by a new
-// stream shares its workspace while the old stream's last kernels may still run; keying by
-// cudaStreamGetId fails under capture, where that call is refused.)
-inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partial_bytes, int flags, float** partial,
-                         int** flag) {
+// workspace and keeps the old one alive. A stream handle can be reused by a new stream once the
+// old one is destroyed, while the old stream's last kernels may still use the workspace: outside
+// a capture the entry remembers the stream's unique id, and the caller records the returned event
+// after its launch; a new id under a known handle first waits for that event. (cudaStreamGetId is
+// refused on a capturing stream: a capture uses the entry as it is and records nothing.)
+inline cudaEvent_t sk_workspace(int device, cudaStream_t stream, int sms, size_t partial_bytes, int flags,
+                                float** partial, int** flag) {
   struct Ws {
     float* partial = nullptr;
     int* flag = nullptr;
     size_t bytes = 0;
     int flags = 0;
+    unsigned long long id = 0;  // the stream's unique id (0: not known yet)
+    cudaEvent_t done = nullptr;  // recorded after the last launch outside a capture
   };
   static std::mutex mu;
   static std::map<std::pair<int, cudaStream_t>, Ws> cache;
   constexpr const char* fn = "w4_matmul_cuda";
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
+    cudaGetLastError();  // (the legacy stream beside a global-mode capture: the launch reports it)
+    capture = cudaStreamCaptureStatusActive;
+  }
+  if (capture == cudaStreamCaptureStatusNone) check_cuda(cudaStreamGetId(stream, &id), fn, "cudaStreamGetId");
   std::lock_guard<std::mutex> lock(mu);
   Ws& w = cache[{device, stream}];
+  if (id != 0) {
+    if (w.id != 0 && w.id != id && w.done != nullptr) {
+      check_cuda(cudaEventSynchronize(w.done), fn, "cudaEventSynchronize");  // the old stream's last use
+    }
+    w.id = id;
+    if (w.done == nullptr) check_cuda(cudaEventCreateWithFlags(&w.done, cudaEventDisableTiming), fn, "cudaEventCreate");
+  }
   if (w.bytes < partial_bytes || w.flags < flags) {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), fn, "cudaThreadExchangeStreamCaptureMode");
-    Ws n;
+    Ws n = w;
     n.bytes = std::max({partial_bytes, w.bytes, static_cast<size_t>(sms) * (128 << 10)});
     n.flags = std::max({flags, w.flags, sms});
     cudaStream_t init = nullptr;
@@ -1338,6 +1356,7 @@ inline void sk_workspace(int device, cudaStream_t stream, int sms, size_t partia
   }
   *partial = w.partial;
   *flag = w.flag;
+  return id != 0 ? w.done : nullptr;
 }
 
 // Launches w4_ws_kernel; false (nothing launched) where it cannot run: no sm_90a binary for this
@@ -1376,9 +1395,11 @@ bool launch_ws(const Params& p, cudaStream_t stream) {
     const int64_t total = (p.M + BM - 1) / BM * ((p.n_rt * 16 + BN - 1) / BN) * int64_t{p.nkb};
     const int G = static_cast<int>(std::min<int64_t>(int64_t{info.sms} * info.blocks_per_sm, total));
     Params q = p;
-    sk_workspace(device, stream, info.sms, sizeof(float) * G * (CW * 32) * (R * NT * 4), G, &q.sk_partial, &q.sk_flag);
+    const cudaEvent_t done = sk_workspace(device, stream, info.sms, sizeof(float) * G * (CW * 32) * (R * NT * 4), G,
+                                          &q.sk_partial, &q.sk_flag);
     kernel<<<G, SM::kThreads, SM::kBytes, stream>>>(q, xmap, wmap, smap);
     check_cuda(cudaGetLastError(), "w4_matmul_cuda", "kernel launch");
+    if (done != nullptr) check_cuda(cudaEventRecord(done, stream), "w4_matmul_cuda", "cudaEventRecord");
   } else {
     launch_grid(kernel, info, p, BM, BN, SM::kThreads, SM::kBytes, stream, p, xmap, wmap, smap);
   }
