@@ -72,17 +72,16 @@ def _register_lut_asm(dtype: torch.dtype, pairs: bool = False) -> str:
     the 4 high-nibble values (elements 2j) then the 4 low-nibble values (2j + 1), 16-bit, two
     to a register (tensor-core operands).
 
-    The 16 table entries live in 8 registers as a low-byte and a high-byte plane; per 4 nibbles
-    ``prmt`` looks up entries 0-7 and 8-15 of each plane (4 ``prmt``), a fifth ``prmt`` with its
-    sign-replicate mode turns each nibble's top bit into a byte mask, two ``lop3`` select, and
-    two ``prmt`` interleave the planes into half2 words: ~3 instructions a weight and no memory
-    access, where the table in L1 costs one load per weight (the L1 pipe bound the GEMV).
+    The 16 table entries come in 8 registers (``_lut_planes``: a low-byte and a high-byte plane,
+    the operands after the word); per 4 nibbles ``prmt`` looks up entries 0-7 and 8-15 of each
+    plane (4 ``prmt``), a fifth ``prmt`` with its sign-replicate mode turns each nibble's top bit
+    into a byte mask, two ``lop3`` select, and two ``prmt`` interleave the planes into half2
+    words: ~3 instructions a weight and no memory access, where the table in L1 costs one load
+    per weight (the L1 pipe bound the GEMV). The planes are operands, not immediates in the PTX:
+    as immediates ptxas rebuilt a plane register before most lookups (~0.75 moves a weight).
     """
-    bits = [int(v) for v in torch.tensor(_NF4, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
-    bits = [b & 0xFFFF for b in bits]
-    lo = [sum((bits[4 * r + j] & 0xFF) << (8 * j) for j in range(4)) for r in range(4)]
-    hi = [sum((bits[4 * r + j] >> 8) << (8 * j) for j in range(4)) for r in range(4)]
-    consts = "".join(f"mov.b32 L{r}, {lo[r]:#010x};\nmov.b32 H{r}, {hi[r]:#010x};\n" for r in range(4))
+    first = 4 if pairs else 8  # operand number of the word; the planes follow it
+    consts = "".join(f"mov.b32 L{r}, ${first + 1 + r};\nmov.b32 H{r}, ${first + 5 + r};\n" for r in range(4))
 
     def four(src: str, out: int) -> str:
         if pairs:  # p0 = (lo, hi) of byte 2*out, p1 = of the next byte: regroup by nibble
@@ -107,8 +106,70 @@ def _register_lut_asm(dtype: torch.dtype, pairs: bool = False) -> str:
 
 _LUT_F16 = tl.constexpr(_register_lut_asm(torch.float16))
 _LUT_BF16 = tl.constexpr(_register_lut_asm(torch.bfloat16))
-_LUT_F16_PAIRS = tl.constexpr(_register_lut_asm(torch.float16, pairs=True))
-_LUT_BF16_PAIRS = tl.constexpr(_register_lut_asm(torch.bfloat16, pairs=True))
+_LUT_PAIRS = tl.constexpr(_register_lut_asm(torch.float16, pairs=True))  # (no conversion: any 16-bit dtype)
+# constraints: outputs, the word, the 8 table planes
+_C_SPREAD = tl.constexpr("=f,=f,=f,=f,=f,=f,=f,=f,r" + ",r" * 8)
+_C_PAIRS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 8)
+
+
+# The planes from the table's 8 words: lane l loads word l & 7 and every lane gathers all 8 by
+# shuffles; then L_r = bytes 0, 2 of words 2r, 2r + 1 (the entries' low bytes), H_r = bytes 1, 3.
+# The shuffles' source lanes are j + z, z = bit 14 of the lane's word, which is 0 (bit 14 of a
+# float16/bfloat16 of magnitude <= 1): ptxas cannot prove the planes warp-uniform, so they stay
+# in vector registers. (Uniform, as immediates or from constant lanes, they went to uniform
+# registers and were copied into a vector register before most lookups: ~0.75 moves a weight.)
+_ASM_PLANES = tl.constexpr("""
+{
+.reg .b32 l, v, z, w0, w1, w2, w3, w4, w5, w6, w7;
+.reg .b64 a;
+mov.u32 l, %laneid;
+and.b32 l, l, 7;
+mul.wide.u32 a, l, 4;
+add.s64 a, a, $8;
+ld.global.nc.b32 v, [a];
+bfe.u32 z, v, 14, 1;
+shfl.sync.idx.b32 w0, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w1, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w2, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w3, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w4, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w5, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w6, v, z, 0x1f, 0xffffffff;
+add.u32 z, z, 1;
+shfl.sync.idx.b32 w7, v, z, 0x1f, 0xffffffff;
+prmt.b32 $0, w0, w1, 0x6420;
+prmt.b32 $1, w2, w3, 0x6420;
+prmt.b32 $2, w4, w5, 0x6420;
+prmt.b32 $3, w6, w7, 0x6420;
+prmt.b32 $4, w0, w1, 0x7531;
+prmt.b32 $5, w2, w3, 0x7531;
+prmt.b32 $6, w4, w5, 0x7531;
+prmt.b32 $7, w6, w7, 0x7531;
+}
+""")
+
+
+if not INTERPRET:
+
+    @triton.jit
+    def _lut_planes(lut_ptr):
+        """The 16-entry table in a 16-bit dtype (``lut_ptr``) as 8 registers: its low-byte plane
+        (byte j of word r = low byte of entry 4r + j) and its high-byte plane, made once a program."""
+        return tl.inline_asm_elementwise(_ASM_PLANES, "=r,=r,=r,=r,=r,=r,=r,=r,l",
+                                         [lut_ptr.to(tl.int64, bitcast=True)], dtype=(tl.int32,) * 8, is_pure=True,
+                                         pack=1)
+
+else:  # the interpreter's stand-ins read the table from memory
+
+    @triton.jit
+    def _lut_planes(lut_ptr):
+        return 0, 0, 0, 0, 0, 0, 0, 0
 
 
 @triton.jit
@@ -156,12 +217,13 @@ def _nf4_gemv_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    tab = _lut_planes(lut_ptr) if REG_LUT else 0
     if STAGES > 1:  # Triton's pipeliner stages the loads through shared memory (cp.async)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
             wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
             am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k0 + runs) // BS, n_mask[:, None], DQ)
             xv = tl.load(x_ptrs + k0 * stride_xk)
-            acc += _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
+            acc += _nf4_gemv_step(wd, am, xv, lut_ptr, tab, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
     else:
         wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_lo + runs) // BS, n_mask[:, None], DQ)
@@ -173,16 +235,16 @@ def _nf4_gemv_kernel(
             am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
                            n_mask[:, None], DQ)
             xv_n = tl.load(x_ptrs + k_next * stride_xk)
-            acc += _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
+            acc += _nf4_gemv_step(wd, am, xv, lut_ptr, tab, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
     store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
-def _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+def _nf4_gemv_step(wd, am, xv, lut_ptr, tab, REG_LUT: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                    GS: tl.constexpr, NG: tl.constexpr):
     """One GEMV step's contribution [BLOCK_N]: per run and row ``absmax * sum_k code_k x_k``."""
     if REG_LUT:
-        w = _nf4_spread_reg(wd, lut_ptr, IS_BF16)
+        w = _nf4_spread_reg(wd, lut_ptr, tab, IS_BF16)
     else:
         w = _nf4_spread(wd, lut_ptr)
     qx = tl.sum(tl.reshape(w * xv.to(tl.float32)[None, :], [BLOCK_N, NG, GS]), axis=2)
@@ -192,29 +254,32 @@ def _nf4_gemv_step(wd, am, xv, lut_ptr, REG_LUT: tl.constexpr, IS_BF16: tl.const
 if not INTERPRET:
 
     @triton.jit
-    def _nf4_spread_reg(w, lut_ptr, IS_BF16: tl.constexpr):
-        """``_nf4_spread`` from the register table (values rounded to x's dtype), no loads."""
+    def _nf4_spread_reg(w, lut_ptr, tab, IS_BF16: tl.constexpr):
+        """``_nf4_spread`` from the register table ``tab`` (``_lut_planes``; values rounded to x's
+        dtype), no loads."""
+        args = [w, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]]
         if IS_BF16:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _LUT_BF16, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                _LUT_BF16, _C_SPREAD, args, dtype=(tl.float32,) * 8, is_pure=True,
+                pack=1)
         else:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _LUT_F16, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                _LUT_F16, _C_SPREAD, args, dtype=(tl.float32,) * 8, is_pure=True,
+                pack=1)
         # element 8j+i is nibble (8*(i//2) + 4*(1-i%2)) / 4: elements 0..7 = nibbles 1,0,3,2,5,4,7,6
         t = tl.join(tl.join(tl.join(o1, o5), tl.join(o3, o7)), tl.join(tl.join(o0, o4), tl.join(o2, o6)))
         return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
 
     @triton.jit
-    def _nf4_byte_codes(qb, lut_ptr, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
+    def _nf4_byte_codes(qb, lut_ptr, tab, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
         """uint8 [R, C] -> (high-nibble values, low-nibble values) [R, C] in ``lut_ptr``'s dtype
-        (float16/bfloat16): from the register table (``REG_LUT``), else the table in memory."""
+        (float16/bfloat16): from the register table ``tab`` (``REG_LUT``), else the table in memory."""
         if REG_LUT:
-            if IS_BF16:
-                hi, lo = tl.inline_asm_elementwise(_LUT_BF16_PAIRS, "=r,=r,=r,=r,r", [qb],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-            else:
-                hi, lo = tl.inline_asm_elementwise(_LUT_F16_PAIRS, "=r,=r,=r,=r,r", [qb],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            dt = tl.bfloat16 if IS_BF16 else tl.float16
+            hi, lo = tl.inline_asm_elementwise(
+                _LUT_PAIRS, _C_PAIRS,
+                [qb, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]], dtype=(dt, dt), is_pure=True,
+                pack=4)
             return hi, lo
         else:
             b = qb.to(tl.int32)
@@ -223,11 +288,11 @@ if not INTERPRET:
 else:  # the interpreter runs no PTX: the same values from a table in x's dtype
 
     @triton.jit
-    def _nf4_spread_reg(w, lut_ptr, IS_BF16: tl.constexpr):
+    def _nf4_spread_reg(w, lut_ptr, tab, IS_BF16: tl.constexpr):
         return _nf4_spread(w, lut_ptr).to(tl.float32)
 
     @triton.jit
-    def _nf4_byte_codes(qb, lut_ptr, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
+    def _nf4_byte_codes(qb, lut_ptr, tab, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
         b = qb.to(tl.int32)
         return tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))
 
@@ -297,11 +362,12 @@ def _nf4_mmt_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    tab = _lut_planes(lut_ptr) if REG_LUT else 0
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         xe, xo = load_xt_pairs(x_ptr, xt_ptrs, k0, m_mask, stride_xk, X_PAIRS)
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
-        hi, lo = _nf4_byte_codes(qb, lut_ptr, IS_BF16, REG_LUT)
+        hi, lo = _nf4_byte_codes(qb, lut_ptr, tab, IS_BF16, REG_LUT)
         if SCALE_B:
             acc = tl.dot(mma_in(scale_rows(hi, am)), mma_in(xe), acc)
             acc = tl.dot(mma_in(scale_rows(lo, am)), mma_in(xo), acc)

@@ -344,9 +344,7 @@ def test_sparse24_prmt_tables_place_every_legal_pair():
     the six legal nibbles both output words hold v0 / v1 / 0 in the dense column order."""
     from lowbit.kernels_triton import sparse24 as S
 
-    def prmt(a, b, sel):  # PTX prmt.b32 default mode: result byte i = byte (sel >> 4i) & 7 of {b, a}
-        src = [(a >> 8 * i) & 255 for i in range(4)] + [(b >> 8 * i) & 255 for i in range(4)]
-        return sum(src[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+    from _ptx import prmt
 
     v0, v1 = 0x3C01, 0xC402
     for i0 in range(4):
@@ -359,6 +357,37 @@ def test_sparse24_prmt_tables_place_every_legal_pair():
                 e = (codes >> 2 * nib) & 3
                 words.append(prmt(v0 | v1 << 16, 0, prmt(lo, hi, e * 34 + 16)))
             assert [w >> s & 0xFFFF for w in words for s in (0, 16)] == dense, f"nibble {nib}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nf4_register_table_ptx_emulated(dtype):
+    """The NF4 register-table PTX (GPU-only code), emulated: the planes a warp builds from the
+    16-entry table, then the GEMV's 8 float32 values of a word (nibble order) and the MMA
+    path's 16-bit pairs (high nibbles of bytes 0-3, then the low ones) equal the table's."""
+    import struct
+
+    from _ptx import f16_to_f32, run_warp
+    from lowbit.kernels_triton import nf4 as N
+
+    bits = [b & 0xFFFF for b in torch.tensor(N._NF4).to(dtype).view(torch.int16).tolist()]
+    f32_bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0] if isinstance(v, float) else v  # noqa: E731
+    as_f32 = (lambda h: f32_bits(f16_to_f32(h))) if dtype == torch.float16 else (lambda h: h << 16)  # noqa: E731
+    base = 1 << 20
+    memory = {base + 4 * j: bits[2 * j] | bits[2 * j + 1] << 16 for j in range(8)}
+    lanes = run_warp(N._ASM_PLANES.value, [0] * 8 + [base], lanes=32, memory=memory)
+    planes = lanes[0][:8]
+    assert all(lane[:8] == planes for lane in lanes), "every lane holds the same planes"
+    gemv = (N._LUT_F16 if dtype == torch.float16 else N._LUT_BF16).value
+    g = torch.Generator().manual_seed(0)
+    for word in torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF, 0x76543210]:
+        nib = [(word >> 4 * i) & 15 for i in range(8)]
+        (out,) = run_warp(gemv, [0] * 8 + [word] + planes)
+        assert [f32_bits(v) for v in out[:8]] == [as_f32(bits[c]) for c in nib], hex(word)
+        (out,) = run_warp(N._LUT_PAIRS.value, [0] * 4 + [word] + planes)
+        halves = [w >> s & 0xFFFF for w in out[:4] for s in (0, 16)]
+        hi = [bits[(word >> 8 * b + 4) & 15] for b in range(4)]
+        lo = [bits[(word >> 8 * b) & 15] for b in range(4)]
+        assert halves == hi + lo, hex(word)
 
 
 @pytest.mark.parametrize("device", DEVICES)
