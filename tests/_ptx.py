@@ -41,7 +41,7 @@ def run_warp(asm: str, args: list[list[int]] | list[int], *, lanes: int = 1, mem
     body = [ln.strip() for ln in asm.strip().strip("{}").splitlines()]
     body = [ln.rstrip(";") for ln in body if ln and not ln.startswith(".reg") and ln not in ("{", "}")]
     per_lane = [list(a) for a in args] if args and isinstance(args[0], list) else [list(args) for _ in range(lanes)]
-    regs = [dict() for _ in per_lane]
+    regs: list[dict[str, int]] = [{} for _ in per_lane]
 
     def val(lane, tok):
         tok = tok.strip()
@@ -69,7 +69,9 @@ def run_warp(asm: str, args: list[list[int]] | list[int], *, lanes: int = 1, mem
                 put(lane, ops[0], src[val(lane, ops[2]) & 31])
             continue
         for lane in range(len(per_lane)):
-            v = lambda i: val(lane, ops[i])  # noqa: E731
+            def v(i, lane=lane, ops=ops):
+                return val(lane, ops[i])
+
             if op in ("mov.b32", "mov.u32") and ops[0].startswith("{"):  # {h0, h1} = halves of a b32
                 h0, h1 = ops[0].strip("{}").split(",")
                 put(lane, h0, v(1) & 0xFFFF)
