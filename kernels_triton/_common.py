@@ -644,3 +644,13 @@ def inline_ptx_ok(device: torch.device) -> bool:
 
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def word_offset(k0, BK: tl.constexpr):
+    """``k0 // 8``: the int32 word of column ``k0`` (8 nibbles a word), ``k0`` a multiple of BK.
+    Stated as a multiple of min(BK / 8, 4) words: Triton only knows a loop's ``k0`` as a multiple
+    of 16 (its int arguments'), so ``k0 // 8`` read as 8-byte loads; 16-byte ones issue half as
+    many load instructions for the same bytes."""
+    VEC: tl.constexpr = 4 if BK >= 32 else BK // 8
+    return tl.multiple_of(k0 // 8, VEC)

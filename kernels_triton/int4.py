@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    word_offset,
     STREAM,
     Config,
     affine_codes,
@@ -129,7 +130,7 @@ def _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k0, G, stride
                      HAS_ZERO: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr):
     """The loads of one GEMV step at column ``k0``: weight words, the NG runs' scales and zeros
     [BLOCK_N, NG], and x."""
-    wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
+    wd = tl.load(q_ptrs + word_offset(k0, GS * NG), mask=n_mask[:, None], other=0, eviction_policy=STREAM)
     g = (k0 + GS * tl.arange(0, NG)) // G
     s = tl.load(s_ptr + rows64[:, None] * stride_sn + g[None, :], mask=n_mask[:, None], other=0.0,
                 eviction_policy=STREAM)

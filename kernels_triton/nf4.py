@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    word_offset,
     INTERPRET,
     STREAM,
     Config,
@@ -210,7 +211,8 @@ def _nf4_gemv_kernel(
     n_mask = offs_n < N
     rows64 = offs_n.to(tl.int64)
     qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
-    q_ptrs = qw_ptr + rows64[:, None] * (K // 8) + tl.arange(0, BK // 8)[None, :]
+    # rows of K / 8 words, a multiple of 4 (K is a multiple of GS >= 32): 16-byte loads
+    q_ptrs = qw_ptr + rows64[:, None] * tl.multiple_of(K // 8, 4) + tl.arange(0, BK // 8)[None, :]
     x_ptrs = x_ptr + m * stride_xm + tl.arange(0, BK) * stride_xk
     blk0 = rows64[:, None] * (K // BS)
     runs = GS * tl.arange(0, NG)[None, :]
@@ -220,18 +222,18 @@ def _nf4_gemv_kernel(
     tab = _lut_planes(lut_ptr) if REG_LUT else 0
     if STAGES > 1:  # Triton's pipeliner stages the loads through shared memory (cp.async)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
-            wd = tl.load(q_ptrs + k0 // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
+            wd = tl.load(q_ptrs + word_offset(k0, BK), mask=n_mask[:, None], other=0, eviction_policy=STREAM)
             am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k0 + runs) // BS, n_mask[:, None], DQ)
             xv = tl.load(x_ptrs + k0 * stride_xk)
             acc += _nf4_gemv_step(wd, am, xv, lut_ptr, tab, REG_LUT, IS_BF16, BLOCK_N, GS, NG)
     else:
-        wd_n = tl.load(q_ptrs + k_lo // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
+        wd_n = tl.load(q_ptrs + word_offset(k_lo, BK), mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_lo + runs) // BS, n_mask[:, None], DQ)
         xv_n = tl.load(x_ptrs + k_lo * stride_xk)
         for k0 in range(k_lo, k_hi, BK):
             wd, am, xv = wd_n, am_n, xv_n
             k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
-            wd_n = tl.load(q_ptrs + k_next // 8, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
+            wd_n = tl.load(q_ptrs + word_offset(k_next, BK), mask=n_mask[:, None], other=0, eviction_policy=STREAM)
             am_n = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, blk0 + (k_next + runs) // BS,
                            n_mask[:, None], DQ)
             xv_n = tl.load(x_ptrs + k_next * stride_xk)
@@ -421,7 +423,7 @@ def candidates(m: int, n: int, k: int, bs: int, dtype: torch.dtype, device: torc
     gs = min(bs, 128)
     gemv = []
     reg_luts = (1, 0) if dtype in (torch.float16, torch.bfloat16) and inline_ptx_ok(device) else (0,)
-    for reg_lut in reg_luts:
+    for reg_lut in reg_luts if gs >= 32 else ():  # (the GEMV's rows are read as 16-byte vectors)
         for bn, ng, w, st in ((16, 8, 4, 3), (32, 4, 4, 3), (16, 8, 2, 4), (16, 8, 2, 0), (16, 8, 4, 0), (16, 4, 2, 0),
                               (32, 4, 4, 0), (64, 1, 8, 0)):
             ng = runs_per_step(k // gs, ng)
