@@ -73,16 +73,21 @@ def _register_lut_asm(dtype: torch.dtype, pairs: bool = False) -> str:
     the 4 high-nibble values (elements 2j) then the 4 low-nibble values (2j + 1), 16-bit, two
     to a register (tensor-core operands).
 
-    The 16 table entries come in 8 registers (``_lut_planes``: a low-byte and a high-byte plane,
-    the operands after the word); per 4 nibbles ``prmt`` looks up entries 0-7 and 8-15 of each
+    The 16 table entries come in 8 registers (a low-byte and a high-byte plane; for the GEMV the
+    operands after the word, from ``_lut_planes``, for ``pairs`` immediates); per 4 nibbles ``prmt`` looks up entries 0-7 and 8-15 of each
     plane (4 ``prmt``), a fifth ``prmt`` with its sign-replicate mode turns each nibble's top bit
     into a byte mask, two ``lop3`` select, and two ``prmt`` interleave the planes into half2
     words: ~3 instructions a weight and no memory access, where the table in L1 costs one load
     per weight (the L1 pipe bound the GEMV). The planes are operands, not immediates in the PTX:
     as immediates ptxas rebuilt a plane register before most lookups (~0.75 moves a weight).
     """
-    first = 4 if pairs else 8  # operand number of the word; the planes follow it
-    consts = "".join(f"mov.b32 L{r}, ${first + 1 + r};\nmov.b32 H{r}, ${first + 5 + r};\n" for r in range(4))
+    if pairs:  # (pack=4 would pass each 32-bit operand 4 times: the planes as immediates here)
+        bits = [b & 0xFFFF for b in torch.tensor(_NF4, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
+        lo = [sum((bits[4 * r + j] & 0xFF) << (8 * j) for j in range(4)) for r in range(4)]
+        hi = [sum((bits[4 * r + j] >> 8) << (8 * j) for j in range(4)) for r in range(4)]
+        consts = "".join(f"mov.b32 L{r}, {lo[r]:#010x};\nmov.b32 H{r}, {hi[r]:#010x};\n" for r in range(4))
+    else:  # the planes are the operands after the word ($8)
+        consts = "".join(f"mov.b32 L{r}, ${9 + r};\nmov.b32 H{r}, ${13 + r};\n" for r in range(4))
 
     def four(src: str, out: int) -> str:
         if pairs:  # p0 = (lo, hi) of byte 2*out, p1 = of the next byte: regroup by nibble
@@ -107,10 +112,9 @@ def _register_lut_asm(dtype: torch.dtype, pairs: bool = False) -> str:
 
 _LUT_F16 = tl.constexpr(_register_lut_asm(torch.float16))
 _LUT_BF16 = tl.constexpr(_register_lut_asm(torch.bfloat16))
-_LUT_PAIRS = tl.constexpr(_register_lut_asm(torch.float16, pairs=True))  # (no conversion: any 16-bit dtype)
-# constraints: outputs, the word, the 8 table planes
-_C_SPREAD = tl.constexpr("=f,=f,=f,=f,=f,=f,=f,=f,r" + ",r" * 8)
-_C_PAIRS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 8)
+_LUT_F16_PAIRS = tl.constexpr(_register_lut_asm(torch.float16, pairs=True))
+_LUT_BF16_PAIRS = tl.constexpr(_register_lut_asm(torch.bfloat16, pairs=True))
+_C_SPREAD = tl.constexpr("=f,=f,=f,=f,=f,=f,=f,=f,r" + ",r" * 8)  # outputs, the word, the 8 planes
 
 
 # The planes from the table's 8 words: lane l loads word l & 7 and every lane gathers all 8 by
@@ -273,15 +277,16 @@ if not INTERPRET:
         return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
 
     @triton.jit
-    def _nf4_byte_codes(qb, lut_ptr, tab, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
+    def _nf4_byte_codes(qb, lut_ptr, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
         """uint8 [R, C] -> (high-nibble values, low-nibble values) [R, C] in ``lut_ptr``'s dtype
-        (float16/bfloat16): from the register table ``tab`` (``REG_LUT``), else the table in memory."""
+        (float16/bfloat16): from the register table (``REG_LUT``), else the table in memory."""
         if REG_LUT:
-            dt = tl.bfloat16 if IS_BF16 else tl.float16
-            hi, lo = tl.inline_asm_elementwise(
-                _LUT_PAIRS, _C_PAIRS,
-                [qb, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]], dtype=(dt, dt), is_pure=True,
-                pack=4)
+            if IS_BF16:
+                hi, lo = tl.inline_asm_elementwise(_LUT_BF16_PAIRS, "=r,=r,=r,=r,r", [qb],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                hi, lo = tl.inline_asm_elementwise(_LUT_F16_PAIRS, "=r,=r,=r,=r,r", [qb],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
             return hi, lo
         else:
             b = qb.to(tl.int32)
@@ -294,7 +299,7 @@ else:  # the interpreter runs no PTX: the same values from a table in x's dtype
         return _nf4_spread(w, lut_ptr).to(tl.float32)
 
     @triton.jit
-    def _nf4_byte_codes(qb, lut_ptr, tab, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
+    def _nf4_byte_codes(qb, lut_ptr, IS_BF16: tl.constexpr, REG_LUT: tl.constexpr):
         b = qb.to(tl.int32)
         return tl.load(lut_ptr + (b >> 4)), tl.load(lut_ptr + (b & 15))
 
@@ -364,12 +369,11 @@ def _nf4_mmt_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    tab = _lut_planes(lut_ptr) if REG_LUT else 0
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qb = tl.load(q_ptrs + k0 // 2, mask=n_mask[:, None], other=0, eviction_policy=STREAM)
         xe, xo = load_xt_pairs(x_ptr, xt_ptrs, k0, m_mask, stride_xk, X_PAIRS)
         am = _absmax(am_ptr, am_scale_ptr, am_code_ptr, am_offset, rows64 * blocks_per_row + k0 // BS, n_mask, DQ)
-        hi, lo = _nf4_byte_codes(qb, lut_ptr, tab, IS_BF16, REG_LUT)
+        hi, lo = _nf4_byte_codes(qb, lut_ptr, IS_BF16, REG_LUT)
         if SCALE_B:
             acc = tl.dot(mma_in(scale_rows(hi, am)), mma_in(xe), acc)
             acc = tl.dot(mma_in(scale_rows(lo, am)), mma_in(xo), acc)

@@ -272,20 +272,16 @@ def _s24_mm2_kernel(
 @triton.jit
 def _s24_mm2_loads(x_ptrs, v_ptrs, m_ptrs, offs_k, offs_w, k0, k_hi, stride_xk, EVEN_K: tl.constexpr):
     """x [BLOCK_M, BLOCK_K], value words (int64) and meta bytes (int32) [BLOCK_N, BLOCK_K/8] at
-    column k0 (K is a multiple of 8, so a K tail masks whole 8-column blocks). ``k0`` is a
-    multiple of BLOCK_K, stated for the meta bytes (else read two at a time: Triton knows only
-    a multiple of 16 for k0)."""
-    W: tl.constexpr = offs_w.shape[0]
-    kw = tl.multiple_of(k0 // 8, 16 if W >= 16 else W)
+    column k0 (K is a multiple of 8, so a K tail masks whole 8-column blocks)."""
     if EVEN_K:
         xt = tl.load(x_ptrs + k0 * stride_xk)
-        vw = tl.load(v_ptrs + kw, eviction_policy=STREAM)
-        mb = tl.load(m_ptrs + kw, eviction_policy=STREAM).to(tl.int32)
+        vw = tl.load(v_ptrs + k0 // 8, eviction_policy=STREAM)
+        mb = tl.load(m_ptrs + k0 // 8, eviction_policy=STREAM).to(tl.int32)
     else:
         wm = (k0 + 8 * offs_w < k_hi)[None, :]
         xt = tl.load(x_ptrs + k0 * stride_xk, mask=(k0 + offs_k < k_hi)[None, :], other=0.0)
-        vw = tl.load(v_ptrs + kw, mask=wm, other=0, eviction_policy=STREAM)
-        mb = tl.load(m_ptrs + kw, mask=wm, other=0, eviction_policy=STREAM).to(tl.int32)
+        vw = tl.load(v_ptrs + k0 // 8, mask=wm, other=0, eviction_policy=STREAM)
+        mb = tl.load(m_ptrs + k0 // 8, mask=wm, other=0, eviction_policy=STREAM).to(tl.int32)
     return xt, vw, mb
 
 

@@ -383,7 +383,8 @@ def test_nf4_register_table_ptx_emulated(dtype):
         nib = [(word >> 4 * i) & 15 for i in range(8)]
         (out,) = run_warp(gemv, [0] * 8 + [word] + planes)
         assert [f32_bits(v) for v in out[:8]] == [as_f32(bits[c]) for c in nib], hex(word)
-        (out,) = run_warp(N._LUT_PAIRS.value, [0] * 4 + [word] + planes)
+        pairs = (N._LUT_F16_PAIRS if dtype == torch.float16 else N._LUT_BF16_PAIRS).value
+        (out,) = run_warp(pairs, [0] * 4 + [word])
         halves = [w >> s & 0xFFFF for w in out[:4] for s in (0, 16)]
         hi = [bits[(word >> 8 * b + 4) & 15] for b in range(4)]
         lo = [bits[(word >> 8 * b) & 15] for b in range(4)]
