@@ -63,7 +63,7 @@ def _int4_gemv_kernel(
     M, N, K, G, k_per_split, one_bits,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, ACC3: tl.constexpr,
 ):
     """One row of x against BLOCK_N rows of W; each step is NG runs of GS weights, each run
     within one group (NG > 1: longer contiguous reads per row, fewer steps).
@@ -88,14 +88,17 @@ def _int4_gemv_kernel(
     qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
     q_ptrs = qw_ptr + rows64[:, None] * stride_qn + tl.arange(0, BK // 8)[None, :]
     x_ptrs = x_ptr + m * stride_xm + tl.arange(0, BK) * stride_xk
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if ACC3:  # per row, run and word, reduced after the loop (see _gemv_step)
+        acc = tl.zeros([BLOCK_N, NG, GS // 8], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     if STAGES > 1:  # Triton's pipeliner stages the loads through shared memory (cp.async)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
             wd, s, z, xv = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k0, G, stride_xk,
                                             stride_sn, stride_zn, HAS_ZERO, GS, NG)
-            acc += _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO, EXACT, BLOCK_N, GS, NG)
+            acc += _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO, EXACT, BLOCK_N, GS, NG, ACC3)
     else:
         wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_lo, G, stride_xk,
                                                 stride_sn, stride_zn, HAS_ZERO, GS, NG)
@@ -104,25 +107,45 @@ def _int4_gemv_kernel(
             k_next = tl.minimum(k0 + BK, k_hi - BK)  # (the last step re-reads itself: no mask needed)
             wd_n, s_n, z_n, xv_n = _gemv_step_loads(q_ptrs, x_ptrs, s_ptr, z_ptr, rows64, n_mask, k_next, G,
                                                     stride_xk, stride_sn, stride_zn, HAS_ZERO, GS, NG)
-            acc += _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO, EXACT, BLOCK_N, GS, NG)
+            acc += _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO, EXACT, BLOCK_N, GS, NG, ACC3)
+    if ACC3:
+        acc = tl.sum(tl.sum(acc, axis=2), axis=1)
     store_row(acc, m, offs_n, n_mask, pid_k, M, N, b_ptr, y_ptr, p_ptr, c_ptr, stride_ym, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
 def _gemv_step(wd, s, z, xv, one_bits, HAS_ZERO: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
-               GS: tl.constexpr, NG: tl.constexpr):
-    """One GEMV step's contribution [BLOCK_N]: per run and row ``s * (sum_k q_k x_k - z * sum_k x_k)``."""
+               GS: tl.constexpr, NG: tl.constexpr, ACC3: tl.constexpr):
+    """One GEMV step's contribution: per run and row ``s * (sum_k q_k x_k - z * sum_k x_k)``,
+    summed to [BLOCK_N]; ``ACC3``: per row, run and word [BLOCK_N, NG, GS / 8], sums over a
+    word's 8 weights only (within a thread: its nibbles are spread in registers), which the
+    caller adds up elementwise and reduces across lanes once after the loop (a run's sum each
+    step costs up to 4 shuffle levels per row and run: ~30% of the pipelined loop's
+    instructions; offline sm_90 670 -> 602 a step, but 64 -> 96 registers)."""
     xv = xv.to(tl.float32)
-    xsum = tl.sum(tl.reshape(xv, [1, NG, GS]), axis=2)  # [1, NG]
-    s = s.to(tl.float32)
-    z = z.to(tl.float32) if HAS_ZERO else 8.0
-    if EXACT:  # float32 activations: exact q (2^23 + q, minus 2^23)
-        q = _spread_nibbles(wd, one_bits, 0, 0xF)
-        qx = tl.sum(tl.reshape((q - 8388608.0) * xv[None, :], [BLOCK_N, NG, GS]), axis=2)
-    else:  # 1 + q/16 exactly: the nibble lands in mantissa bits 19..22 of 1.0f
-        q = _spread_nibbles(wd, one_bits, 19, 0x780000)
-        qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, GS]), axis=2) - xsum)
-    return tl.sum(s * (qx - z * xsum), axis=1)
+    if ACC3:
+        W: tl.constexpr = GS // 8
+        xw = tl.sum(tl.reshape(xv, [1, NG, W, 8]), axis=3)  # [1, NG, W]
+        s3 = s.to(tl.float32)[:, :, None]
+        z3 = z.to(tl.float32)[:, :, None] if HAS_ZERO else 8.0
+        if EXACT:
+            q = _spread_nibbles(wd, one_bits, 0, 0xF)
+            qx = tl.sum(tl.reshape((q - 8388608.0) * xv[None, :], [BLOCK_N, NG, W, 8]), axis=3)
+        else:
+            q = _spread_nibbles(wd, one_bits, 19, 0x780000)
+            qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, W, 8]), axis=3) - xw)
+        return s3 * (qx - z3 * xw)
+    else:
+        xsum = tl.sum(tl.reshape(xv, [1, NG, GS]), axis=2)  # [1, NG]
+        s = s.to(tl.float32)
+        z = z.to(tl.float32) if HAS_ZERO else 8.0
+        if EXACT:  # float32 activations: exact q (2^23 + q, minus 2^23)
+            q = _spread_nibbles(wd, one_bits, 0, 0xF)
+            qx = tl.sum(tl.reshape((q - 8388608.0) * xv[None, :], [BLOCK_N, NG, GS]), axis=2)
+        else:  # 1 + q/16 exactly: the nibble lands in mantissa bits 19..22 of 1.0f
+            q = _spread_nibbles(wd, one_bits, 19, 0x780000)
+            qx = 16.0 * (tl.sum(tl.reshape(q * xv[None, :], [BLOCK_N, NG, GS]), axis=2) - xsum)
+        return tl.sum(s * (qx - z * xsum), axis=1)
 
 
 @triton.jit
@@ -348,12 +371,14 @@ def candidates(m: int, n: int, k: int, g: int, dtype: torch.dtype, device: torch
         # row) per step on 16 rows and 2 warps reads ~1.8 TB/s on an H100 (1 run of 64 B: ~1.4 TB/s).
         # STAGES: the same steps staged through shared memory by the pipeliner (80 registers instead
         # of 127-168 on sm_90: more programs, more bytes in flight per SM).
-        for bn, ng, w, st in ((16, 8, 4, 3), (32, 4, 4, 3), (16, 8, 2, 4), (8, 8, 2, 4), (16, 8, 2, 0), (16, 8, 4, 0),
-                              (16, 8, 1, 0), (32, 4, 4, 0), (64, 1, 8, 0)):
+        # ACC3 (last two): per-word accumulators, one cross-lane reduction after the loop (see _gemv_step)
+        for bn, ng, w, st, a3 in ((16, 8, 4, 3, 0), (32, 4, 4, 3, 0), (16, 8, 2, 4, 0), (8, 8, 2, 4, 0), (16, 8, 2, 0, 0),
+                                  (16, 8, 4, 0, 0), (16, 8, 1, 0, 0), (32, 4, 4, 0, 0), (64, 1, 8, 0, 0),
+                                  (16, 8, 4, 3, 1), (8, 8, 2, 4, 1)):
             ng = runs_per_step(k // gs, ng)
             programs = triton.cdiv(n, bn) * m
             split = split_k_for(programs, k // (gs * ng), device, max_split=32, per_sm=4)
-            extra = {"SPLIT_K": split, "NG": ng, **({"STAGES": st} if st else {})}
+            extra = {"SPLIT_K": split, "NG": ng, **({"STAGES": st} if st else {}), **({"ACC3": 1} if a3 else {})}
             gemv.append(cfg("gemv", BLOCK_N=bn, num_warps=w, num_stages=3, extra=extra))
         gemv = with_unsplit(gemv)
     mm: list[Config] = []
@@ -404,7 +429,7 @@ def _launch(c: Config, x2, qweight, scales, zeros, g: int, bias, y) -> torch.Ten
             m, n, k, g, per, 0x4B000000 if x2.dtype == torch.float32 else 0x3F800000,
             x2.stride(0), x2.stride(1), qweight.stride(0) // 4, scales.stride(0), zt.stride(0), y.stride(0),
             HAS_ZERO=has_zero, HAS_BIAS=bias is not None, EXACT=x2.dtype == torch.float32, PARTIAL=mode,
-            BLOCK_N=bn, GS=gs, NG=ng, STAGES=c.get("STAGES", 0), **c.launch_opts(),
+            BLOCK_N=bn, GS=gs, NG=ng, STAGES=c.get("STAGES", 0), ACC3=bool(c.get("ACC3", 0)), **c.launch_opts(),
         )
         return finish_split(mode, partial, bias, y)
     if c.path in ("mm", "mmt"):

@@ -156,6 +156,8 @@ def test_gemv_runs_per_step(device, dtype, op):
         if op == "int4":
             args = to_device(int4_args(m, k, n, dtype, group_size=g, symmetric=flag, bias=True), device)
             out, ref = kern.int4_matmul(*args, config=c), reference.int4_matmul(*args)
+            acc3 = cfg("gemv", BLOCK_N=16, num_warps=2, extra={"SPLIT_K": split, "NG": ng, "STAGES": st, "ACC3": 1})
+            _check(kern.int4_matmul(*args, config=acc3), ref, dtype, f"int4 gemv per-word sums {(m, k, n, g, ng)}")
         else:
             args = to_device(nf4_args(m, k, n, dtype, blocksize=g, double_quant=flag), device)
             ref = reference.nf4_matmul(*args)
