@@ -1114,6 +1114,9 @@ struct KernelInfo {
   bool clusters = false;  // the device and the loaded binary (sm_90+) run thread block clusters
   int max_cluster = 1;    // the largest cluster (K split) this kernel can be launched with
   bool sm90a = false;     // an sm_90 GPU runs this build's sm_90 binary (sm_90a where the build has it)
+  // Clusters of 2^i blocks that can run at once (cudaOccupancyMaxActiveClusters; 0: not known).
+  // A cluster's blocks share one GPC, so this can be below sms * blocks_per_sm / 2^i.
+  int active_clusters[5] = {};
 };
 
 template <typename Kernel>
@@ -1157,6 +1160,22 @@ KernelInfo kernel_info(Kernel kernel, int device, int threads, int smem_bytes) {
       }
     }
     cudaGetLastError();  // a refused non-portable size is not an error of ours
+    for (int i = 1; i < 5 && (1 << i) <= info.max_cluster; ++i) {
+      cudaLaunchConfig_t cfg = {};
+      cudaLaunchAttribute attr[1];
+      cfg.gridDim = dim3(1, 1, 1u << i);
+      cfg.blockDim = dim3(threads, 1, 1);
+      cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 1;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1u << i;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      int n = 0;
+      if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess) info.active_clusters[i] = n;
+      cudaGetLastError();
+    }
   }
   cache.emplace(key, info);
   return info;
@@ -1207,7 +1226,23 @@ inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
   const int64_t cap = std::min<int64_t>({target / (tiles > 0 ? tiles : 1), info.max_cluster, nkb / 2});
   int s = 1;
   while (s * 2 <= cap) s *= 2;
-  return s;
+  // A cluster's blocks must fit in one GPC, so fewer clusters of 2^i than sms * blocks / 2^i may
+  // run at once: where the tiles' clusters would take more waves, a smaller split can finish
+  // sooner (time ~ waves x k blocks a split). Keep the split with the fewest waves x nkb / s, the
+  // fewer waves on a tie.
+  int best = s;
+  int64_t best_waves = 0;
+  for (int c = s; c >= 2; c /= 2) {
+    int i = 0;
+    while ((1 << i) < c) ++i;
+    const int64_t fit = info.active_clusters[i];
+    const int64_t waves = fit > 0 ? (tiles + fit - 1) / fit : 1;
+    if (c == s || waves * best < best_waves * c || (waves * best == best_waves * c && waves < best_waves)) {
+      best = c;
+      best_waves = waves;
+    }
+  }
+  return best;
 }
 
 // Launches `kernel(args...)` over (token tiles of BM, row blocks of BN, K splits) on `stream`,
