@@ -362,6 +362,16 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("w4_sk_plan_check", &lowbit::cuda::w4::w4_sk_plan_check, "tblocks"_a, "nrb"_a, "nkb"_a, "G"_a,
         "Host check of the CUDA large-M kernel's stream-K partition: '' if it holds, else what failed.");
+  m.def(
+      "w4_split_for_waves",
+      [](int s, int64_t tiles, const std::array<int, 5>& active) {
+        int a[5];
+        for (int i = 0; i < 5; ++i) a[i] = active[i];
+        return lowbit::cuda::w4::split_for_waves(s, tiles, a);
+      },
+      "s"_a, "tiles"_a, "active_clusters"_a,
+      "The CUDA 4-bit kernels' K split for `tiles` tiles, given the clusters of 1, 2, 4, 8, 16 blocks\n"
+      "that can run at once (0: not known), from the split `s` wanted for bytes in flight.");
   m.def("build_info", &lowbit::build_info, "What this build of the native module contains (a dict).");
   m.def("cpu_isa", &lowbit::cpu_isa,
         "CPU kernel instruction sets: 'compiled' into this build, 'supported' by this CPU too, and the\n"

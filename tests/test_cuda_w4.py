@@ -226,6 +226,19 @@ def test_w4_plan_passes_the_kernel_only_what_it_checked(monkeypatch):
                 assert ptr == xi.data_ptr()
 
 
+def test_k_split_fits_its_clusters_in_the_fewest_waves():
+    # Host-side, no GPU: a K split of c blocks is a cluster sharing one GPC, so fewer clusters may
+    # run at once than blocks allow; the split keeps the fewest waves x k blocks a split.
+    split = _native.C.w4_split_for_waves
+    assert split(16, 32, [0, 0, 0, 0, 0]) == 16  # nothing known: as wanted
+    assert split(16, 32, [0, 0, 0, 0, 32]) == 16  # all 32 clusters of 16 at once
+    assert split(16, 32, [0, 0, 0, 60, 28]) == 8  # 2 waves of 16 = 1 wave of 8: the fewer waves
+    assert split(16, 32, [0, 0, 130, 60, 16]) == 8  # 16 -> 2 waves, 8 -> 1 wave
+    assert split(8, 64, [0, 120, 60, 16, 0]) == 2  # 4/8 = 2/4 = 1/2 waves per k-block share: the fewest waves
+    assert split(8, 100, [0, 66, 33, 16, 0]) == 8  # 8: 7 waves (0.875), 4: 4 (1.0), 2: 2 (1.0)
+    assert split(1, 500, [0, 1, 1, 1, 1]) == 1
+
+
 def test_stream_k_partition_as_the_kernel_walks_it():
     # Host-side, no GPU: the large-M kernel's stream-K schedule (csrc/common/w4_sk_plan.h) covers
     # every (tile, k block) once, with one owner a tile adding exactly the partials parked for it,

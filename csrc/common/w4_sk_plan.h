@@ -71,6 +71,27 @@ struct SkPlan {
 // that tile's owner, owners waiting only on lower blocks. Empty if it holds, else what failed.
 std::string w4_sk_plan_check(int tblocks, int nrb, int nkb, int G);
 
+// The K split of a grid of `tiles` tiles (the split-K kernels): a split of c is one thread block
+// cluster of c blocks, which must share a GPC, so only active[log2 c] clusters run at once (0:
+// not known, taken as all of them) and the time goes as waves x (k blocks a split) ~ waves / c.
+// From s (the split wanted for bytes in flight) down to 2, the fewest waves / c, the fewer waves
+// on a tie.
+inline int split_for_waves(int s, int64_t tiles, const int (&active)[5]) {
+  int best = s;
+  int64_t best_waves = 0;
+  for (int c = s; c >= 2; c /= 2) {
+    int i = 0;
+    while ((1 << i) < c) ++i;
+    const int64_t fit = i < 5 ? active[i] : 0;
+    const int64_t waves = fit > 0 ? (tiles + fit - 1) / fit : 1;
+    if (c == s || waves * best < best_waves * c || (waves * best == best_waves * c && waves < best_waves)) {
+      best = c;
+      best_waves = waves;
+    }
+  }
+  return best;
+}
+
 }  // namespace w4
 }  // namespace cuda
 }  // namespace lowbit

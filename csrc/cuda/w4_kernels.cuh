@@ -1226,23 +1226,7 @@ inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
   const int64_t cap = std::min<int64_t>({target / (tiles > 0 ? tiles : 1), info.max_cluster, nkb / 2});
   int s = 1;
   while (s * 2 <= cap) s *= 2;
-  // A cluster's blocks must fit in one GPC, so fewer clusters of 2^i than sms * blocks / 2^i may
-  // run at once: where the tiles' clusters would take more waves, a smaller split can finish
-  // sooner (time ~ waves x k blocks a split). Keep the split with the fewest waves x nkb / s, the
-  // fewer waves on a tie.
-  int best = s;
-  int64_t best_waves = 0;
-  for (int c = s; c >= 2; c /= 2) {
-    int i = 0;
-    while ((1 << i) < c) ++i;
-    const int64_t fit = info.active_clusters[i];
-    const int64_t waves = fit > 0 ? (tiles + fit - 1) / fit : 1;
-    if (c == s || waves * best < best_waves * c || (waves * best == best_waves * c && waves < best_waves)) {
-      best = c;
-      best_waves = waves;
-    }
-  }
-  return best;
+  return split_for_waves(s, tiles, info.active_clusters);  // (clusters share a GPC: see there)
 }
 
 // Launches `kernel(args...)` over (token tiles of BM, row blocks of BN, K splits) on `stream`,
