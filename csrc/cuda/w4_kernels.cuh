@@ -1226,7 +1226,8 @@ inline int choose_split(const KernelInfo& info, int64_t tiles, int nkb) {
   const int64_t cap = std::min<int64_t>({target / (tiles > 0 ? tiles : 1), info.max_cluster, nkb / 2});
   int s = 1;
   while (s * 2 <= cap) s *= 2;
-  return split_for_waves(s, tiles, info.active_clusters);  // (clusters share a GPC: see there)
+  // (clusters share a GPC: see split_for_waves; LOWBIT_CUDA_W4_NO_WAVES=1 skips it, for A/B runs)
+  return env_int("LOWBIT_CUDA_W4_NO_WAVES") ? s : split_for_waves(s, tiles, info.active_clusters);
 }
 
 // Launches `kernel(args...)` over (token tiles of BM, row blocks of BN, K splits) on `stream`,
