@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    word_offset,
     STREAM,
     Config,
     affine_codes,
@@ -50,6 +49,7 @@ from ._common import (
     tile_configs,
     tile_of_program,
     with_unsplit,
+    word_offset,
     x_pairs_ok,
     xt_pair_ptrs,
 )

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    word_offset,
     INTERPRET,
     STREAM,
     Config,
@@ -45,6 +44,7 @@ from ._common import (
     tile_configs,
     tile_of_program,
     with_unsplit,
+    word_offset,
     x_pairs_ok,
     xt_pair_ptrs,
 )
