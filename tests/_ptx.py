@@ -34,6 +34,26 @@ def f16_to_f32(h: int) -> float:
     return struct.unpack("<e", struct.pack("<H", h & 0xFFFF))[0]
 
 
+def _f16x2(op, *words: int) -> int:
+    """A ``.f16x2`` instruction on two halves: each half computed by numpy in float16 (one
+    rounding, as the hardware does for add/sub/mul; fma is rounded once from float64)."""
+    import numpy as np
+
+    out = 0
+    for sh in (0, 16):
+        h = [np.array([(w >> sh) & 0xFFFF], dtype=np.uint16).view(np.float16)[0] for w in words]
+        if op == "add":
+            r = h[0] + h[1]
+        elif op == "sub":
+            r = h[0] - h[1]
+        elif op == "mul":
+            r = h[0] * h[1]
+        else:  # fma.rn
+            r = np.float16(float(h[0]) * float(h[1]) + float(h[2]))
+        out |= int(np.array([r], dtype=np.float16).view(np.uint16)[0]) << sh
+    return out
+
+
 def run_warp(asm: str, args: list[list[int]] | list[int], *, lanes: int = 1, memory: dict[int, int] | None = None):
     """Run ``asm`` (one inline-asm block; ``$i`` operands) on ``lanes`` lanes. ``args``: the
     operand values ``$0..`` (outputs first; a list per lane, or one list for every lane); ``memory``:
@@ -96,6 +116,10 @@ def run_warp(asm: str, args: list[list[int]] | list[int], *, lanes: int = 1, mem
                 put(lane, ops[0], prmt(v(1), v(2), v(3)))
             elif op == "lop3.b32":
                 put(lane, ops[0], lop3(v(1), v(2), v(3), v(4)))
+            elif op in ("add.f16x2", "sub.f16x2", "mul.f16x2"):
+                put(lane, ops[0], _f16x2(op.split(".")[0], v(1), v(2)))
+            elif op == "fma.rn.f16x2":
+                put(lane, ops[0], _f16x2("fma", v(1), v(2), v(3)))
             elif op == "cvt.f32.f16":
                 put(lane, ops[0], f16_to_f32(v(1)))
             elif op == "mul.wide.u32":

@@ -393,6 +393,37 @@ def test_nf4_register_table_ptx_emulated(dtype):
         assert halves == hi + lo, hex(word)
 
 
+def test_kv_dequantize_ptx_emulated():
+    """The KV kernels' int8 -> float16 and int4 -> (code - zero) * scale PTX (GPU-only code),
+    emulated against the same arithmetic in float16."""
+    import numpy as np
+    from _ptx import run_warp
+    from lowbit.kernels_triton import kv_attention as K
+
+    def halves(*words):
+        return np.array([w >> s & 0xFFFF for w in words for s in (0, 16)], dtype=np.uint16).view(np.float16)
+
+    def pack(vals):  # float16 values -> 32-bit words of two
+        b = np.asarray(vals, dtype=np.float16).view(np.uint16).astype(np.int64)
+        return [int(b[i] | b[i + 1] << 16) for i in range(0, len(b), 2)]
+
+    g = np.random.default_rng(0)
+    for _ in range(64):
+        codes = g.integers(-128, 128, 4)
+        word = int(np.array(codes, dtype=np.int8).view(np.uint32)[0])
+        (out,) = run_warp(K._ASM_I8.value, [0, 0, word])
+        assert list(halves(*out[:2])) == [float(c) for c in codes]
+        raw = g.integers(0, 256, 4)
+        word = int(np.array(raw, dtype=np.uint8).view(np.uint32)[0])
+        z = g.integers(0, 16, 4).astype(np.float16)
+        sc = (g.random(4) * 0.1).astype(np.float16)
+        args = [0, 0, 0, 0, word, *pack(-(1024.0 + z)), *pack(-(64.0 + z)), *pack(sc)]
+        (out,) = run_warp(K._ASM_U4.value, args)
+        lo, hi = (raw & 15).astype(np.float16), (raw >> 4).astype(np.float16)
+        assert list(halves(*out[:2])) == list((lo - z) * sc), "low nibbles"
+        assert list(halves(*out[2:4])) == list((hi - z) * sc), "high nibbles"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse24_float32_values_with_16bit_activations(device):
     kern = _kernels("sparse24")
