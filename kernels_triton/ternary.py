@@ -163,11 +163,11 @@ def _ternary_gemv_kernel(
 
 @triton.jit
 def _ternary_gemv2_kernel(
-    x_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
+    x_ptr, xs_ptr, qw_ptr, ws_ptr, b_ptr, y_ptr, p_ptr, c_ptr,
     M, N, R, K, k_per_split, zero,
     stride_xm, stride_xk, stride_qr, stride_ym,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, XBLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, XBLOCK: tl.constexpr, XQ: tl.constexpr,
 ):
     """The ``dp4a`` GEMV, latency-lean (one launch, no split-K at M=1 on the target shapes).
 
@@ -177,6 +177,10 @@ def _ternary_gemv2_kernel(
     * Every step's loads (weight words and x) are issued one step ahead.
     * x is read contiguously ([BLOCK_K/4, 4] per step, one vector load per thread) and packed
       into int8x4 words in registers (the first version gathered 4 strided columns).
+    * ``XQ`` (path "gemvq"): x already quantized by ``quantize_activations`` (``x_ptr`` int8
+      rows of K, ``xs_ptr`` their scales), read as int8x4 words: no absmax pass and no
+      quantization in the loop (offline sm_90: ~40% of the loop's instructions quantize x, once
+      per program), for the price of a second, one-program-a-row launch before it.
     """
     pid_r = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
@@ -189,19 +193,25 @@ def _ternary_gemv2_kernel(
     qw_ptr = qw_ptr.to(tl.pointer_type(tl.int32))  # uint8 bytes read as int32 words
     # rows past R read row R - 1 (their results are not stored): no row mask on the loads
     q_ptrs = qw_ptr + tl.minimum(offs_r, R - 1).to(tl.int64)[:, None] * stride_qr + offs_kw[None, :]
-    x_ptrs = x_row + offs_x * stride_xk
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_lo, k_hi, stride_xk, EVEN_K)
-    # the row's absmax (every program reads the whole row: x is small and L2-resident)
-    offs_a = tl.arange(0, XBLOCK)
-    amax = tl.zeros([XBLOCK], dtype=tl.float32)
-    for a0 in range(0, K, XBLOCK):
-        v = tl.load(x_row + (a0 + offs_a) * stride_xk, mask=a0 + offs_a < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    d = tl.maximum(tl.max(amax, axis=0), 1e-5)
-    xs = tl.math.div_rn(d * 0.0 + 127.0, d)
-    xq_sum = tl.zeros([1], dtype=tl.int32)
+    if XQ:  # int8x4 words of the quantized row (K % 4 == 0)
+        x_ptrs = x_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4) + offs_kw
+        wd_n, xv_n = _gemv2_loads_q(q_ptrs, x_ptrs, r_mask, offs_kw, k_lo, k_hi, EVEN_K)
+        xs = tl.load(xs_ptr + m)
+        xq_words = tl.zeros([BLOCK_K // 4], dtype=tl.int32)  # per word: sum of its 4 x_q
+    else:
+        x_ptrs = x_row + offs_x * stride_xk
+        wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_lo, k_hi, stride_xk, EVEN_K)
+        # the row's absmax (every program reads the whole row: x is small and L2-resident)
+        offs_a = tl.arange(0, XBLOCK)
+        amax = tl.zeros([XBLOCK], dtype=tl.float32)
+        for a0 in range(0, K, XBLOCK):
+            v = tl.load(x_row + (a0 + offs_a) * stride_xk, mask=a0 + offs_a < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        d = tl.maximum(tl.max(amax, axis=0), 1e-5)
+        xs = tl.math.div_rn(d * 0.0 + 127.0, d)
+        xq_sum = tl.zeros([1], dtype=tl.int32)
     # one accumulator per 4 consecutive words (a thread's 16-byte load): dp4a chains, 4x fewer
     # accumulator registers than one per word
     a0_ = tl.zeros([BLOCK_R, BLOCK_K // 16], dtype=tl.int32)
@@ -214,11 +224,16 @@ def _ternary_gemv2_kernel(
             k_next = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
         else:
             k_next = k0 + BLOCK_K
-        wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_next, k_hi, stride_xk, EVEN_K)
-        q = _quant(xv.to(tl.float32), xs, zero).to(tl.int32)  # [BLOCK_K], 0 past k_hi
-        xq_sum += tl.sum(q[None, :], axis=1)
-        sh = 8 * (tl.arange(0, 4))
-        xw = tl.sum((q & 0xFF).reshape([BLOCK_K // 4, 4]) << sh[None, :], axis=1)  # 4 bytes, no carries
+        if XQ:
+            wd_n, xv_n = _gemv2_loads_q(q_ptrs, x_ptrs, r_mask, offs_kw, k_next, k_hi, EVEN_K)
+            xw = xv
+            xq_words = _dp4a(xw * 0 + 0x01010101, xw, xq_words)
+        else:
+            wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_next, k_hi, stride_xk, EVEN_K)
+            q = _quant(xv.to(tl.float32), xs, zero).to(tl.int32)  # [BLOCK_K], 0 past k_hi
+            xq_sum += tl.sum(q[None, :], axis=1)
+            sh = 8 * (tl.arange(0, 4))
+            xw = tl.sum((q & 0xFF).reshape([BLOCK_K // 4, 4]) << sh[None, :], axis=1)  # 4 bytes, no carries
         xa, xb = tl.split(tl.reshape(xw, [BLOCK_K // 16, 2, 2]))
         x0, x1 = tl.split(xa)
         x2, x3 = tl.split(xb)
@@ -229,7 +244,10 @@ def _ternary_gemv2_kernel(
         a1_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 2, a1_)
         a2_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 4, a2_)
         a3_ = _dp4a4(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :], 6, a3_)
-    xsum = xq_sum.to(tl.float32)
+    if XQ:
+        xsum = tl.sum(xq_words, axis=0).to(tl.float32)
+    else:
+        xsum = xq_sum.to(tl.float32)
     f0 = tl.sum(a0_, axis=1).to(tl.float32) - xsum
     f1 = tl.sum(a1_, axis=1).to(tl.float32) - xsum
     f2 = tl.sum(a2_, axis=1).to(tl.float32) - xsum
@@ -259,6 +277,19 @@ def _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k0, k_hi, stride_xk, E
                      eviction_policy=STREAM)
         xv = tl.load(x_ptrs + k0 * stride_xk, mask=k0 + offs_x < k_hi, other=0.0)
     return wd, xv
+
+
+@triton.jit
+def _gemv2_loads_q(q_ptrs, x_ptrs, r_mask, offs_kw, k0, k_hi, EVEN_K: tl.constexpr):
+    """``_gemv2_loads`` for quantized x: weight words and x_q words [BLOCK_K/4] at column k0."""
+    if EVEN_K:
+        wd = tl.load(q_ptrs + k0 // 4, eviction_policy=STREAM)
+        xw = tl.load(x_ptrs + k0 // 4)
+    else:
+        km = (k0 + 4 * offs_kw < k_hi)
+        wd = tl.load(q_ptrs + k0 // 4, mask=r_mask[:, None] & km[None, :], other=0, eviction_policy=STREAM)
+        xw = tl.load(x_ptrs + k0 // 4, mask=km, other=0)
+    return wd, xw
 
 
 @triton.jit
@@ -429,6 +460,10 @@ def candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
                 gemv.append(cfg("gemv2", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1,
                                 extra={"SPLIT_K": split}))
         gemv = with_unsplit(gemv, count=1)
+        # gemvq: x quantized by a first launch, the GEMV's loop only streams weights (two sizes)
+        for br, bk, w in ((4, 2048, 4), (8, 1024, 4)):
+            split = split_k_for(triton.cdiv(r, br) * m, triton.cdiv(k, bk), device, max_split=8, per_sm=2)
+            gemv.append(cfg("gemvq", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split}))
     if k % 4 == 0:
         for dp4a in ((1, 0) if inline_ptx_ok(device) else (0,)):
             for br, bk, w in ((16, 512, 4), (8, 1024, 4), (32, 512, 8), (16, 1024, 8), (4, 1024, 2)):
@@ -464,16 +499,18 @@ def _launch(c: Config, x2, qweight, weight_scale, n, bias, y):
     r = qweight.shape[0]
     per_row = weight_scale.shape[0] == n and n > 1
     bvec = bias if bias is not None else weight_scale
-    if c.path == "gemv2":
+    if c.path in ("gemv2", "gemvq"):
         br, bk, w = c["BLOCK_R"], c["BLOCK_K"], c.num_warps
         split, per = _split_range(c.get("SPLIT_K", 1), k, bk)
         partial, cnt, mode = split_k_buffers(split, triton.cdiv(r, br) * m, y)
         xblock = min(2048 * w, triton.next_power_of_2(k))
+        xq = c.path == "gemvq"
+        xa, xs = quantize_activations(x2) if xq else (x2, weight_scale)
         _ternary_gemv2_kernel[(triton.cdiv(r, br), m, split)](
-            x2, qweight, weight_scale, bvec, y, partial, cnt,
+            xa, xs, qweight, weight_scale, bvec, y, partial, cnt,
             m, n, r, k, per, 0, x2.stride(0), x2.stride(1), qweight.stride(0) // 4, y.stride(0),
             PER_ROW=per_row, HAS_BIAS=bias is not None, PARTIAL=mode, EVEN_K=k % bk == 0,
-            BLOCK_R=br, BLOCK_K=bk, XBLOCK=xblock, **c.launch_opts(),
+            BLOCK_R=br, BLOCK_K=bk, XBLOCK=xblock, XQ=xq, **c.launch_opts(),
         )
     elif c.path == "gemv":
         br, bk = c["BLOCK_R"], c["BLOCK_K"]

@@ -253,7 +253,8 @@ def test_ternary_gemv_dp4a_and_float_loops(device, dp4a):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ternary_gemv2_configs(device, dtype):
-    """Every gemv2 candidate configuration (explicitly), plus K tails, split-K and row tails."""
+    """Every gemv2 candidate configuration (explicitly), plus K tails, split-K and row tails, for
+    x quantized in the loop (gemv2) and by a first launch (gemvq)."""
     from lowbit.kernels_triton._common import cfg
 
     kern = _kernels("ternary")
@@ -262,8 +263,8 @@ def test_ternary_gemv2_configs(device, dtype):
     for m, k, n, per_row in (big, (2, 1028, 70, True)):
         args = to_device(ternary_args(m, k, n, dtype, per_row=per_row), device)
         ref = reference.ternary_matmul(*args)
-        cands = [c for c in kern.candidates(m, n, k, dev) if c.path == "gemv2"]
-        assert cands
+        cands = [c for c in kern.candidates(m, n, k, dev) if c.path in ("gemv2", "gemvq")]
+        assert {c.path for c in cands} == {"gemv2", "gemvq"}
         if device == "cpu" and k > 1100:
             cands = cands[:1]  # the interpreter is slow: the others run at the small K
         for c in cands:
@@ -271,9 +272,10 @@ def test_ternary_gemv2_configs(device, dtype):
     for m, k, n, br, bk, w, split in ((1, 256, 40, 4, 64, 2, 1), (3, 384, 26, 8, 128, 4, 2),
                                       (1, 1028, 50, 4, 512, 2, 3), (2, 100, 7, 4, 32, 2, 1)):
         args = to_device(ternary_args(m, k, n, dtype, per_row=True), device)
-        c = cfg("gemv2", BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split})
-        _check(kern.ternary_matmul(*args, config=c), reference.ternary_matmul(*args), dtype,
-               f"ternary {c} {(m, k, n)}")
+        for path in ("gemv2", "gemvq"):
+            c = cfg(path, BLOCK_R=br, BLOCK_K=bk, num_warps=w, num_stages=1, extra={"SPLIT_K": split})
+            _check(kern.ternary_matmul(*args, config=c), reference.ternary_matmul(*args), dtype,
+                   f"ternary {c} {(m, k, n)}")
 
 
 SPARSE_SHAPES = [(1, 256, 40), (3, 384, 26), (5, 136, 33), (17, 256, 64)]
