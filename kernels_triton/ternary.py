@@ -442,7 +442,11 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2.shape
     xq = torch.empty((m, k), dtype=torch.int8, device=x2.device)
     xs = torch.empty((m,), dtype=torch.float32, device=x2.device)
-    _quant_rows_kernel[(m,)](x2, xq, xs, k, 0, x2.stride(0), x2.stride(1), BLOCK=1024, num_warps=4)
+    # A whole row (up to 8192 columns) a load: each pass's loads all in flight at once (1024-column
+    # chunks made K / 1024 dependent round trips a pass: the first launch of gemvq waits on them).
+    block = max(16, min(triton.next_power_of_2(k), 8192))
+    _quant_rows_kernel[(m,)](x2, xq, xs, k, 0, x2.stride(0), x2.stride(1), BLOCK=block,
+                             num_warps=8 if block >= 4096 else 4)
     return xq, xs
 
 
