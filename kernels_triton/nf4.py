@@ -123,41 +123,14 @@ _C_SPREAD = tl.constexpr("=f,=f,=f,=f,=f,=f,=f,=f,r" + ",r" * 8)  # outputs, the
 # float16/bfloat16 of magnitude <= 1): ptxas cannot prove the planes warp-uniform, so they stay
 # in vector registers. (Uniform, as immediates or from constant lanes, they went to uniform
 # registers and were copied into a vector register before most lookups: ~0.75 moves a weight.)
-_ASM_PLANES = tl.constexpr("""
-{
-.reg .b32 l, v, z, w0, w1, w2, w3, w4, w5, w6, w7;
-.reg .b64 a;
-mov.u32 l, %laneid;
-and.b32 l, l, 7;
-mul.wide.u32 a, l, 4;
-add.s64 a, a, $8;
-ld.global.nc.b32 v, [a];
-bfe.u32 z, v, 14, 1;
-shfl.sync.idx.b32 w0, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w1, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w2, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w3, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w4, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w5, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w6, v, z, 0x1f, 0xffffffff;
-add.u32 z, z, 1;
-shfl.sync.idx.b32 w7, v, z, 0x1f, 0xffffffff;
-prmt.b32 $0, w0, w1, 0x6420;
-prmt.b32 $1, w2, w3, 0x6420;
-prmt.b32 $2, w4, w5, 0x6420;
-prmt.b32 $3, w6, w7, 0x6420;
-prmt.b32 $4, w0, w1, 0x7531;
-prmt.b32 $5, w2, w3, 0x7531;
-prmt.b32 $6, w4, w5, 0x7531;
-prmt.b32 $7, w6, w7, 0x7531;
-}
-""")
+_ASM_PLANES = tl.constexpr(
+    "{\n.reg .b32 l, v, z, w0, w1, w2, w3, w4, w5, w6, w7;\n.reg .b64 a;\n"
+    "mov.u32 l, %laneid;\nand.b32 l, l, 7;\nmul.wide.u32 a, l, 4;\nadd.s64 a, a, $8;\nld.global.nc.b32 v, [a];\n"
+    "bfe.u32 z, v, 14, 1;\n"
+    + "add.u32 z, z, 1;\n".join(f"shfl.sync.idx.b32 w{j}, v, z, 0x1f, 0xffffffff;\n" for j in range(8))
+    + "".join(f"prmt.b32 ${r}, w{2 * r}, w{2 * r + 1}, 0x6420;\n" for r in range(4))
+    + "".join(f"prmt.b32 ${4 + r}, w{2 * r}, w{2 * r + 1}, 0x7531;\n" for r in range(4))
+    + "}")
 
 
 if not INTERPRET:

@@ -204,13 +204,7 @@ def _ternary_gemv2_kernel(
         x_ptrs = x_row + offs_x * stride_xk
         wd_n, xv_n = _gemv2_loads(q_ptrs, x_ptrs, r_mask, offs_kw, offs_x, k_lo, k_hi, stride_xk, EVEN_K)
         # the row's absmax (every program reads the whole row: x is small and L2-resident)
-        offs_a = tl.arange(0, XBLOCK)
-        amax = tl.zeros([XBLOCK], dtype=tl.float32)
-        for a0 in range(0, K, XBLOCK):
-            v = tl.load(x_row + (a0 + offs_a) * stride_xk, mask=a0 + offs_a < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        d = tl.maximum(tl.max(amax, axis=0), 1e-5)
-        xs = tl.math.div_rn(d * 0.0 + 127.0, d)
+        xs = _row_scale(x_row, stride_xk, K, XBLOCK)
         xq_sum = tl.zeros([1], dtype=tl.int32)
     # one accumulator per 4 consecutive words (a thread's 16-byte load): dp4a chains, 4x fewer
     # accumulator registers than one per word
