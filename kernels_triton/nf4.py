@@ -73,13 +73,12 @@ def _register_lut_asm(dtype: torch.dtype, pairs: bool = False) -> str:
     the 4 high-nibble values (elements 2j) then the 4 low-nibble values (2j + 1), 16-bit, two
     to a register (tensor-core operands).
 
-    The 16 table entries come in 8 registers (a low-byte and a high-byte plane; for the GEMV the
-    operands after the word, from ``_lut_planes``, for ``pairs`` immediates); per 4 nibbles ``prmt`` looks up entries 0-7 and 8-15 of each
-    plane (4 ``prmt``), a fifth ``prmt`` with its sign-replicate mode turns each nibble's top bit
-    into a byte mask, two ``lop3`` select, and two ``prmt`` interleave the planes into half2
-    words: ~3 instructions a weight and no memory access, where the table in L1 costs one load
-    per weight (the L1 pipe bound the GEMV). The planes are operands, not immediates in the PTX:
-    as immediates ptxas rebuilt a plane register before most lookups (~0.75 moves a weight).
+    The 16 table entries come in 8 registers, a low-byte and a high-byte plane (for the GEMV the
+    operands after the word, made per lane by ``_lut_planes``; for ``pairs`` immediates); per 4
+    nibbles ``prmt`` looks up entries 0-7 and 8-15 of each plane (4 ``prmt``), a fifth ``prmt``
+    with its sign-replicate mode turns each nibble's top bit into a byte mask, two ``lop3``
+    select, and two ``prmt`` interleave the planes into half2 words: ~3 instructions a weight and
+    no memory access, where the table in L1 costs one load per weight (the L1 pipe bound the GEMV).
     """
     if pairs:  # (pack=4 would pass each 32-bit operand 4 times: the planes as immediates here)
         bits = [b & 0xFFFF for b in torch.tensor(_NF4, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
@@ -239,12 +238,10 @@ if not INTERPRET:
         args = [w, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]]
         if IS_BF16:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _LUT_BF16, _C_SPREAD, args, dtype=(tl.float32,) * 8, is_pure=True,
-                pack=1)
+                _LUT_BF16, _C_SPREAD, args, dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _LUT_F16, _C_SPREAD, args, dtype=(tl.float32,) * 8, is_pure=True,
-                pack=1)
+                _LUT_F16, _C_SPREAD, args, dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         # element 8j+i is nibble (8*(i//2) + 4*(1-i%2)) / 4: elements 0..7 = nibbles 1,0,3,2,5,4,7,6
         t = tl.join(tl.join(tl.join(o1, o5), tl.join(o3, o7)), tl.join(tl.join(o0, o4), tl.join(o2, o6)))
         return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
